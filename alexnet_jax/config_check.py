@@ -1,0 +1,69 @@
+"""Checks a config before any data is read or anything compiled; one clear line per mistake."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from alexnet_jax import optim
+from alexnet_jax.errors import UserInputError
+from alexnet_jax.models import make_arch, feature_sides, ACTIVATIONS
+
+DATASETS = ("synthetic", "image_folder", "imagenet2012")
+DTYPES = ("float32", "bfloat16")
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                 process_count: int | None = None) -> None:
+  """Raises UserInputError naming the bad value and the fix."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+
+  def bad(message):
+    raise UserInputError(message)
+
+  if config.dataset not in DATASETS:
+    bad(f"unknown dataset {config.dataset!r}; set --config.dataset to one of {DATASETS}")
+  if config.dataset == "image_folder" and not config.data_dir:
+    bad("dataset 'image_folder' needs --config.data_dir=DIR (with DIR/train/<class>/* and DIR/val/<class>/*)")
+  if config.dtype not in DTYPES:
+    bad(f"unknown dtype {config.dtype!r}; set --config.dtype to one of {DTYPES}")
+  if config.lr_schedule not in optim.SCHEDULES:
+    bad(f"unknown lr_schedule {config.lr_schedule!r}; set --config.lr_schedule to one of {optim.SCHEDULES}")
+  m = config.model
+  try:
+    arch = make_arch(m.variant, m.towers if m.variant == "paper" else None, m.lrn)
+  except ValueError as e:
+    bad(f"config.model: {e}")
+  if m.activation not in ACTIVATIONS:
+    bad(f"unknown model.activation {m.activation!r}; choose one of {tuple(ACTIVATIONS)}")
+  if not 0.0 <= m.dropout_rate < 1.0:
+    bad(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+  if config.model_parallelism not in (1, 2):
+    bad(f"model_parallelism={config.model_parallelism}; it must be 1 (towers together) or 2 (one tower per device)")
+  if arch.towers % config.model_parallelism:
+    bad(f"model_parallelism=2 splits two towers, but the {m.variant!r} net has {arch.towers}; set --config.model_parallelism=1")
+  if num_devices % config.model_parallelism:
+    bad(f"model_parallelism={config.model_parallelism} needs an even number of devices, found {num_devices}")
+  data_size = num_devices // config.model_parallelism
+  if config.batch_size <= 0 or config.batch_size % data_size or config.batch_size % process_count:
+    bad(f"batch_size={config.batch_size} does not divide over the {data_size} data-parallel devices "
+        f"({process_count} process(es)); use a multiple of {math.lcm(data_size, process_count)}")
+  if config.num_classes < 1:
+    bad(f"num_classes={config.num_classes} must be at least 1")
+  if config.resize_size < config.image_size:
+    bad(f"resize_size={config.resize_size} is smaller than the crop image_size={config.image_size}; "
+        "the crop is taken from the rescaled image")
+  try:
+    pool = (3, 2) if m.overlapping_pool else (2, 2)
+    feature_sides(arch, config.image_size, *pool)
+  except ValueError as e:
+    bad(f"image_size={config.image_size}: {e}")
+  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[key] < 1:
+      bad(f"{key}={config[key]} must be at least 1")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    bad("set --config.num_epochs or --config.num_train_steps to a positive number")
+

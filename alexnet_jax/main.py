@@ -1,0 +1,55 @@
+"""python -m alexnet_jax.main --config=configs/default.py --workdir=DIR [--config.KEY=VALUE ...]"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the config go.", required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
+                                      "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)), "This process's index.")
+
+
+def _start_distributed() -> None:
+  """Joins the other processes when there are any (flags, JAX's variables, or a SLURM job)."""
+  import jax
+  if _COORDINATOR.value and _NUM_PROCESSES.value > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only the CPU backend reads it
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()  # JAX finds its peers by itself
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _start_distributed()
+  from alexnet_jax import train  # imported after distributed init, as JAX asks
+  from alexnet_jax.errors import UserInputError
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except UserInputError as e:
+    sys.exit(f"error: {e}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with an unknown --config.KEY reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a for a in argv if a.startswith("--config.")]
+    key = str(e).strip("\"'")
+    sys.exit(f"error: unknown config key '{key}' in {' '.join(bad)}; the keys are those of the config file's get_config()")
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

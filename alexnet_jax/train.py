@@ -1,0 +1,231 @@
+"""Training and evaluation: jitted steps on the ('data', 'model') mesh, metrics, checkpoints.
+
+`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from alexnet_jax import checkpoints, input_pipeline, metrics, optim, sharding, synthetic
+from alexnet_jax.config_check import check_config
+from alexnet_jax.errors import UserInputError
+from alexnet_jax.models import AlexNet
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  plateau: dict  # the plateau schedule's memory: best val error, evaluations since, drops
+
+
+def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> AlexNet:
+  m = config.model
+  return AlexNet(num_classes=config.num_classes, variant=m.variant, mesh=mesh,
+                 towers=m.towers if m.variant == "paper" else None, activation=m.activation, lrn=m.lrn,
+                 overlapping_pool=m.overlapping_pool, dropout_rate=m.dropout_rate, init_std=m.init_std,
+                 bias_one=m.bias_one, dtype=jnp.dtype(config.dtype))
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: str) -> tuple[input_pipeline.Split, input_pipeline.Split]:
+  """The train and val splits the config names; the synthetic set is generated on first use."""
+  data_dir = config.data_dir
+  if config.dataset == "synthetic":
+    data_dir = data_dir or os.path.join(workdir, "data")
+    sizes = dict(train_per_class=config.synthetic_train_per_class, val_per_class=config.synthetic_val_per_class,
+                 seed=config.seed)
+    if jax.process_index() == 0:
+      synthetic.generate(data_dir, **sizes)
+    _sync("synthetic data")
+    synthetic.generate(data_dir, **sizes)  # a no-op where the first process already wrote it
+  elif config.dataset == "imagenet2012" and not os.path.isdir(os.path.join(data_dir or "", "train")):
+    raise UserInputError(
+        f"ImageNet is not prepared at data_dir={data_dir!r}: download ILSVRC2012_img_train.tar and "
+        "ILSVRC2012_img_val.tar from image-net.org, extract them to DIR/train/<wnid>/*.JPEG and "
+        "DIR/val/<wnid>/*.JPEG, then pass --config.data_dir=DIR")
+  train, val = input_pipeline.read_image_folder(data_dir)
+  if len(train.classes) != config.num_classes:
+    raise UserInputError(f"num_classes={config.num_classes} but {data_dir}/train has {len(train.classes)} class "
+                         f"folders; set --config.num_classes={len(train.classes)}")
+  return train, val
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+  schedule = optim.make_schedule(config.lr_schedule, config.learning_rate, steps_per_epoch, total_steps,
+                                 tuple(config.lr_boundaries_epochs), config.lr_decay_factor)
+  return optim.paper_sgd(schedule, config.momentum, config.weight_decay, config.weight_decay_on_biases)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+
+
+def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int):
+  """One SGD step; dropout's randomness is a function of (seed, step) only."""
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+      return jnp.mean(cross_entropy(logits, batch["label"])), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    return new, {"train/loss": loss,
+                 "train/top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
+                 "learning_rate": opt_state.hyperparams["learning_rate"]}
+  return train_step
+
+
+def make_eval_step(model: AlexNet):
+  """Sums over a padded batch: loss, top-1 and top-5 mistakes and the count of real images."""
+  def eval_step(params: Any, batch: dict) -> dict:
+    logits = model.apply({"params": params}, batch["image"])
+    mask, labels = batch["mask"], batch["label"]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
+    return {"loss": jnp.sum(cross_entropy(logits, labels) * mask),
+            "top1_wrong": jnp.sum((jnp.argmax(logits, -1) != labels) * mask),
+            "top5_wrong": jnp.sum((~in_top5) * mask),
+            "count": jnp.sum(mask)}
+  return eval_step
+
+
+def to_global(batch: dict, batch_sharding: NamedSharding) -> dict:
+  """This process's numpy batch as a slice of the global, data-sharded jax batch."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params: Any, batches: Iterator[dict], batch_sharding: NamedSharding) -> dict:
+  """Loss and top-1/top-5 error over the whole split; one host sync, at the end."""
+  totals = None
+  for batch in batches:
+    out = eval_step(params, to_global(batch, batch_sharding))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  n = float(totals["count"])
+  return {"val/loss": totals["loss"] / n, "val/top1_error": totals["top1_wrong"] / n,
+          "val/top5_error": totals["top5_wrong"] / n}
+
+
+def _initial_state(model: AlexNet, tx: optax.GradientTransformation, image_size: int, seed: int,
+                   mesh: Mesh) -> tuple[TrainState, Any]:
+  """Parameters created directly in their shards (never whole on one device)."""
+  unsharded = model.clone(mesh=None)
+
+  def init():
+    params = unsharded.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    plateau = {"best": jnp.float32(np.inf), "bad_evals": jnp.int32(0), "drops": jnp.int32(0)}
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), plateau=plateau)
+
+  shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def _apply_plateau(state: TrainState, val_error: float, config: ml_collections.ConfigDict) -> TrainState:
+  plateau = {k: v.item() for k, v in jax.device_get(state.plateau).items()}
+  plateau, factor = optim.plateau_update(plateau, val_error, config.plateau_patience,
+                                         config.plateau_max_drops, config.lr_decay_factor)
+  hyper = dict(state.opt_state.hyperparams)
+  if factor != 1.0:
+    hyper["learning_rate"] = hyper["learning_rate"] * factor
+    logging.info("validation error stopped improving: learning rate now %.2e", float(hyper["learning_rate"]))
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper),
+                       plateau={"best": jnp.float32(plateau["best"]), "bad_evals": jnp.int32(plateau["bad_evals"]),
+                                "drops": jnp.int32(plateau["drops"])})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in workdir if any) and evaluates.
+
+  Returns the last evaluation's metrics.
+  """
+  check_config(config)
+  workdir = os.path.abspath(workdir)
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    checkpoints.check_resumable(workdir, config)
+  train_split, val_split = load_splits(config, workdir)
+
+  mesh = sharding.make_mesh(config.model_parallelism)
+  model = create_model(config, mesh)
+  steps_per_epoch = len(train_split) // config.batch_size
+  total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+  tx = create_optimizer(config, steps_per_epoch, total_steps)
+  state, state_shardings = _initial_state(model, tx, config.image_size, config.seed, mesh)
+
+  mgr = checkpoints.manager(workdir, config.keep_checkpoints)
+  if mgr.latest_step() is not None:
+    state = checkpoints.restore(mgr, state)
+    logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
+  if lead:
+    checkpoints.save_config(workdir, config)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  train_step = jax.jit(make_train_step(model, tx, config.seed), donate_argnums=0,
+                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding),
+                      out_shardings=replicated)
+  local_batch = config.batch_size // jax.process_count()
+  data_args = dict(image_size=config.image_size, resize_size=config.resize_size, mean=tuple(config.channel_mean),
+                   process_index=jax.process_index(), process_count=jax.process_count(),
+                   num_parallel_calls=config.num_parallel_calls)
+
+  start = int(state.step)
+  writer = metrics.MetricWriter(workdir, enabled=lead)
+  progress = metrics.Progress(total_steps, start, enabled=lead)
+  batches = input_pipeline.train_batches(train_split, batch_size=local_batch, seed=config.seed, start_step=start,
+                                         **data_args)
+  logging.info("training %s for %d steps (%d per epoch) on a %s mesh, from step %d", config.model.variant,
+               total_steps, steps_per_epoch, dict(mesh.shape), start)
+  pending, last_eval = [], {}
+  for step in range(start + 1, total_steps + 1):
+    state, step_metrics = train_step(state, to_global(next(batches), batch_sharding))
+    pending.append(step_metrics)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+      summary["images_per_sec"] = progress.images_per_sec(step, config.batch_size)
+      writer.write(step, summary)
+      progress.log(step, summary)
+      pending = []
+    evaluated = step % config.eval_every_steps == 0 or step == total_steps
+    if evaluated:
+      last_eval = evaluate(eval_step, state.params, input_pipeline.eval_batches(
+          val_split, batch_size=local_batch, **data_args), batch_sharding)
+      writer.write(step, last_eval)
+      if lead:
+        logging.info("step %d: val loss %.4f, top-1 error %.2f%%, top-5 error %.2f%%", step, last_eval["val/loss"],
+                     100 * last_eval["val/top1_error"], 100 * last_eval["val/top5_error"])
+      if config.lr_schedule == "plateau":
+        state = _apply_plateau(state, last_eval["val/top1_error"], config)
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      checkpoints.save(mgr, step, state, metrics={checkpoints.BEST_METRIC: last_eval["val/top1_error"]}
+                       if evaluated else None)
+  if start >= total_steps:  # already trained: report the checkpoint's quality
+    last_eval = evaluate(eval_step, state.params, input_pipeline.eval_batches(
+        val_split, batch_size=local_batch, **data_args), batch_sharding)
+  mgr.wait_until_finished()
+  mgr.close()
+  writer.close()
+  return last_eval

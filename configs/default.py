@@ -1,0 +1,49 @@
+"""The paper's ImageNet recipe (§5): batch 128, momentum 0.9, weight decay 5e-4, lr 0.01 / 10 three times."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Data.
+  config.dataset = "imagenet2012"  # "synthetic" | "image_folder" | "imagenet2012"
+  config.data_dir = ""  # "synthetic": where to generate it ("" = WORKDIR/data)
+  config.num_classes = 1000
+  config.image_size = 227  # the crop; the paper's "224" is an erratum (see README)
+  config.resize_size = 256  # shorter side rescaled to this, then the central square
+  config.synthetic_train_per_class = 300  # size of the generated "synthetic" set
+  config.synthetic_val_per_class = 50
+  config.num_parallel_calls = -1  # tf.data threads per map (-1 = autotune)
+  config.channel_mean = (123.675, 116.28, 103.53)  # RGB, subtracted from raw 0-255 pixels
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = "paper"  # "paper" | "torchvision"
+  config.model.towers = 2  # paper: 2, or 1 for its one-GPU comparison net
+  config.model.activation = "relu"
+  config.model.lrn = True
+  config.model.overlapping_pool = True
+  config.model.dropout_rate = 0.5
+  config.model.init_std = 0.01
+  config.model.bias_one = 1.0
+  config.model_parallelism = 1  # mesh 'model' axis: 1, or 2 for one tower per device
+  config.dtype = "float32"  # computation dtype: "float32" | "bfloat16"
+  # Optimisation: v <- 0.9 v - wd*lr*w - lr*g ; w <- w + v.
+  config.batch_size = 128  # global, over all devices and hosts
+  config.num_epochs = 90
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.learning_rate = 0.01
+  config.momentum = 0.9
+  config.weight_decay = 0.0005
+  config.weight_decay_on_biases = False  # cuda-convnet decayed weights only
+  config.lr_schedule = "piecewise"  # "piecewise" | "plateau" | "cosine" | "constant"
+  config.lr_boundaries_epochs = (30, 60, 80)
+  config.lr_decay_factor = 0.1
+  config.plateau_patience = 2  # evaluations without improvement before dividing by 10
+  config.plateau_max_drops = 3
+  # Loop.
+  config.seed = 0
+  config.log_every_steps = 100
+  config.eval_every_steps = 5000
+  config.checkpoint_every_steps = 5000
+  config.keep_checkpoints = 3  # the latest few; the best by val top-1 error is kept too
+  return config
