@@ -3,7 +3,10 @@
 import os
 import sys
 
+import logging
+
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (get_config()).",
@@ -27,9 +30,17 @@ def _start_distributed() -> None:
     jax.distributed.initialize()  # JAX finds its peers by itself
 
 
+class _QuietCheckpointing(logging.Filter):
+  """Orbax narrates every save at INFO; keep its warnings, drop the narration."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.get_absl_handler().addFilter(_QuietCheckpointing())
   _start_distributed()
   from alexnet_jax import train  # imported after distributed init, as JAX asks
   from alexnet_jax.errors import UserInputError

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Iterator
 
@@ -115,11 +116,22 @@ def to_global(batch: dict, batch_sharding: NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
 
+def prefetch_to_device(batches: Iterator[dict], batch_sharding: NamedSharding, size: int = 2) -> Iterator[dict]:
+  """Keeps `size` batches already transferred to the devices while the current step runs."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(to_global(batch, batch_sharding))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
 def evaluate(eval_step, params: Any, batches: Iterator[dict], batch_sharding: NamedSharding) -> dict:
   """Loss and top-1/top-5 error over the whole split; one host sync, at the end."""
   totals = None
-  for batch in batches:
-    out = eval_step(params, to_global(batch, batch_sharding))
+  for batch in prefetch_to_device(batches, batch_sharding):
+    out = eval_step(params, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   n = float(totals["count"])
@@ -195,13 +207,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = int(state.step)
   writer = metrics.MetricWriter(workdir, enabled=lead)
   progress = metrics.Progress(total_steps, start, enabled=lead)
-  batches = input_pipeline.train_batches(train_split, batch_size=local_batch, seed=config.seed, start_step=start,
-                                         **data_args)
+  batches = prefetch_to_device(input_pipeline.train_batches(
+      train_split, batch_size=local_batch, seed=config.seed, start_step=start, **data_args), batch_sharding)
   logging.info("training %s for %d steps (%d per epoch) on a %s mesh, from step %d", config.model.variant,
                total_steps, steps_per_epoch, dict(mesh.shape), start)
   pending, last_eval = [], {}
   for step in range(start + 1, total_steps + 1):
-    state, step_metrics = train_step(state, to_global(next(batches), batch_sharding))
+    state, step_metrics = train_step(state, next(batches))
     pending.append(step_metrics)
     if step % config.log_every_steps == 0 or step == total_steps:
       summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
