@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import ml_collections
 
 from alexnet_jax import optim
+from alexnet_jax.convert import SUFFIXES
 from alexnet_jax.errors import UserInputError
-from alexnet_jax.models import make_arch, feature_sides, ACTIVATIONS
+from alexnet_jax.models import make_arch, feature_sides, ACTIVATIONS, LRN_SCOPES
 
 DATASETS = ("synthetic", "image_folder", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
@@ -41,6 +43,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     bad(f"unknown model.activation {m.activation!r}; choose one of {tuple(ACTIVATIONS)}")
   if not 0.0 <= m.dropout_rate < 1.0:
     bad(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+  if m.lrn_scope not in LRN_SCOPES:
+    bad(f"unknown model.lrn_scope {m.lrn_scope!r}; choose one of {LRN_SCOPES}")
   if config.model_parallelism not in (1, 2):
     bad(f"model_parallelism={config.model_parallelism}; it must be 1 (towers together) or 2 (one tower per device)")
   if arch.towers % config.model_parallelism:
@@ -51,6 +55,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   if config.batch_size <= 0 or config.batch_size % data_size or config.batch_size % process_count:
     bad(f"batch_size={config.batch_size} does not divide over the {data_size} data-parallel devices "
         f"({process_count} process(es)); use a multiple of {math.lcm(data_size, process_count)}")
+  if config.mean_subtraction not in ("image", "channel"):
+    bad(f"mean_subtraction={config.mean_subtraction!r}; use 'image' (the paper's mean image) or 'channel'")
+  if config.eval_crops not in (1, 10):
+    bad(f"eval_crops={config.eval_crops}; use 1 (centre crop) or 10 (the paper's ten patches)")
+  if config.pca_noise_std < 0:
+    bad(f"pca_noise_std={config.pca_noise_std} must be >= 0 (0 turns the colour noise off)")
   if config.num_classes < 1:
     bad(f"num_classes={config.num_classes} must be at least 1")
   if config.resize_size < config.image_size:
@@ -66,4 +76,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
       bad(f"{key}={config[key]} must be at least 1")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     bad("set --config.num_epochs or --config.num_train_steps to a positive number")
+  if not 0 <= config.freeze_all_but_last <= len(optim.LAYERS):
+    bad(f"freeze_all_but_last={config.freeze_all_but_last} must be between 0 (train every layer) and "
+        f"{len(optim.LAYERS)}; 1 trains fc8 only")
+  source = config.init_from
+  if source and not os.path.exists(source):
+    bad(f"init_from={source!r} does not exist; give a workdir of ours or a weights file ({', '.join(SUFFIXES)})")
+  if source and not os.path.isdir(source) and os.path.splitext(source)[1].lower() not in SUFFIXES:
+    bad(f"init_from={source!r}: unknown weights format; use a workdir of ours or a {', '.join(SUFFIXES)} file")
 

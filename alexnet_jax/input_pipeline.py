@@ -10,6 +10,7 @@ CPU only; it never takes an accelerator from JAX.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Iterator, Sequence
 
@@ -91,68 +92,221 @@ def _decode_and_rescale(path: tf.Tensor, resize_size: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def _normalize(image: tf.Tensor, mean: Sequence[float]) -> tf.Tensor:
-  return tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)
+# The widely used ImageNet colour statistics (fb.resnet.torch; pixels in [0, 1]): the
+# eigenvalues of the RGB covariance and its eigenvectors as columns.
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+_FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+SHARD_INFO, SHARD_STATS = "dataset_info.json", "stats.npz"
 
 
-def train_batches(split: Split, *, batch_size: int, image_size: int, resize_size: int,
-                  mean: Sequence[float], seed: int, start_step: int = 0, process_index: int = 0,
+@dataclasses.dataclass(frozen=True)
+class Shards:
+  """A split written by `alexnet_jax.prepare`: ArrayRecord shards of side x side JPEG examples."""
+  files: tuple[str, ...]
+  size: int
+  classes: tuple[str, ...]
+  side: int
+
+  def __len__(self) -> int:
+    return self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+  """What training subtracts and how it jitters colour: a (side, side, 3) mean image in 0-255,
+  and the eigenvalues/eigenvectors (columns) of the covariance of [0, 1] RGB values."""
+  mean_image: np.ndarray
+  eigval: np.ndarray
+  eigvec: np.ndarray
+
+
+def read_prepared(data_dir: str) -> tuple[Shards, Shards]:
+  """The train and val shards of a prepared data_dir."""
+  path = os.path.join(data_dir or "", SHARD_INFO)
+  if not os.path.exists(path):
+    raise UserInputError(
+        f"no prepared dataset at data_dir={data_dir!r} ({SHARD_INFO} missing): download ILSVRC2012_img_train.tar "
+        "and ILSVRC2012_img_val.tar from image-net.org into DIR, run `python -m alexnet_jax.prepare "
+        "--manual_dir=DIR --data_dir=OUT`, then pass --config.data_dir=OUT")
+  with open(path) as f:
+    info = json.load(f)
+  splits = []
+  for name in ("train", "val"):
+    files = tuple(os.path.join(data_dir, name, f) for f in info["splits"][name]["files"])
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing or not files:
+      raise UserInputError(f"prepared {name} shards missing in {data_dir}: {missing[:3] or 'none listed'}; "
+                           "rerun `python -m alexnet_jax.prepare` to finish them")
+    splits.append(Shards(files, info["splits"][name]["num_images"], tuple(info["classes"]), info["image_side"]))
+  return splits[0], splits[1]
+
+
+def load_stats(data_dir: str, side: int, channel_mean: Sequence[float], per_pixel: bool = True) -> Stats:
+  """data_dir/stats.npz when `prepare` wrote one, else the ImageNet constants.
+
+  per_pixel: subtract the mean image (the paper); otherwise its per-channel mean. Without
+  statistics, the mean image is `channel_mean` everywhere.
+  """
+  path = os.path.join(data_dir or "", SHARD_STATS)
+  if data_dir and os.path.exists(path):
+    with np.load(path) as f:
+      mean_image, eigval, eigvec = f["mean_image"], f["eigval"], f["eigvec"]
+    if mean_image.shape != (side, side, 3):
+      raise UserInputError(f"{path} holds a {mean_image.shape[0]}-pixel mean image but resize_size={side}; "
+                           f"set --config.resize_size={mean_image.shape[0]}")
+  else:
+    mean_image = np.broadcast_to(np.asarray(channel_mean, np.float32), (side, side, 3))
+    eigval, eigvec = np.asarray(IMAGENET_EIGVAL), np.asarray(IMAGENET_EIGVEC)
+  if not per_pixel:
+    mean_image = np.broadcast_to(mean_image.reshape(-1, 3).mean(0), (side, side, 3))
+  return Stats(np.asarray(mean_image, np.float32), np.asarray(eigval, np.float32), np.asarray(eigvec, np.float32))
+
+
+def _side(split: Split | Shards, resize_size: int) -> int:
+  return split.side if isinstance(split, Shards) else resize_size
+
+
+def _readers(split: Split | Shards, resize_size: int):
+  """(whole(i) -> (side x side uint8 image, label), window(i, y, x, size) -> (uint8 crop, label)).
+
+  Prepared shards are read by index (random access) and decoded with the crop fused into
+  the JPEG decode; folder images are decoded whole and rescaled first.
+  """
+  if isinstance(split, Shards):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    source = ArrayRecordDataSource(list(split.files))
+
+    def record(i):
+      raw = tf.numpy_function(lambda j: source[int(j)], [i], tf.string, stateful=False)
+      example = tf.io.parse_single_example(tf.reshape(raw, []), _FEATURES)
+      return example["image"], tf.cast(example["label"], tf.int32)
+
+    def whole(i):
+      jpeg, label = record(i)
+      image = tf.io.decode_jpeg(jpeg, channels=3)
+      image.set_shape((split.side, split.side, 3))
+      return image, label
+
+    def window(i, y, x, size):
+      jpeg, label = record(i)
+      image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([y, x, size, size]), channels=3)
+      image.set_shape((size, size, 3))
+      return image, label
+  else:
+    paths, labels = tf.constant(split.paths), tf.constant(split.labels)
+
+    def whole(i):
+      return _decode_and_rescale(tf.gather(paths, i), resize_size), tf.gather(labels, i)
+
+    def window(i, y, x, size):
+      image, label = whole(i)
+      crop = image[y:y + size, x:x + size]
+      crop.set_shape((size, size, 3))
+      return crop, label
+  return whole, window
+
+
+def pca_colour(alpha: tf.Tensor, stats: Stats) -> tf.Tensor:
+  """The paper's colour noise [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T for (..., 3) alphas, in 0-255 units."""
+  return 255.0 * tf.linalg.matvec(tf.constant(stats.eigvec), alpha * tf.constant(stats.eigval))
+
+
+def train_batches(split: Split | Shards, *, batch_size: int, image_size: int, resize_size: int, stats: Stats,
+                  seed: int, pca_std: float = 0.1, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, num_parallel_calls: int = -1) -> Iterator[dict]:
-  """Endless training batches for this process: dicts of numpy 'image' (float32 NHWC) and 'label'.
+  """Endless training batches for this process.
 
-  batch_size is this process's share of the global batch. Starting at `start_step`
+  Each batch holds the random image_size crops of the side x side images as uint8
+  ('image'), their 'label', and the rest of the augmentation drawn here: the crop's
+  'offset' (y, x), its horizontal 'flip', and its PCA 'colour' noise (alpha ~ N(0, pca_std)
+  per image per presentation, in 0-255 units). `augment.normalize` applies these on the
+  device: subtracting the mean image at the crop's position, adding the colour, flipping,
+  fused into the train step, where they cost nothing beside the convolutions; in tf.data
+  those float passes over every pixel cost more than the JPEG decode itself.
+
+  batch_size is this process's share of the global batch: process i takes rows
+  [i * batch_size, (i + 1) * batch_size) of every global batch, so the processes read
+  disjoint, equal shares that cover the split once per epoch. Starting at `start_step`
   resumes the stream exactly where a run that did `start_step` steps left it.
   """
-  n = len(split)
-  per_host = n // process_count
-  if per_host < batch_size:
-    raise UserInputError(f"the train split has {n} images, fewer than one batch of {batch_size} per process; "
-                     "lower --config.batch_size or add images")
-  paths = tf.constant(split.paths)
-  labels = tf.constant(split.labels)
-
+  n, side = len(split), _side(split, resize_size)
+  global_batch = batch_size * process_count
+  steps = n // global_batch  # per epoch; the remainder of each permutation is dropped
+  if steps < 1:
+    raise UserInputError(f"the train split has {n} images, fewer than one global batch of {global_batch}; "
+                         "lower --config.batch_size or add images")
+  _, window = _readers(split, resize_size)
   seed = tf.constant(seed, tf.int64)
+  mine = (tf.range(steps, dtype=tf.int64)[:, None] * global_batch + process_index * batch_size
+          + tf.range(batch_size, dtype=tf.int64)[None, :])
+  mine = tf.reshape(mine, [-1])  # this process's rows of every global batch of an epoch
 
   def epoch(e):
+    """Epoch e's permutation and random draws, made for the whole split at once and then
+    cut by position: any process count sees the same global batches."""
     perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed, e]))
-    share = perm[process_index * per_host:(process_index + 1) * per_host]
-    position = e * n + process_index * per_host + tf.range(per_host, dtype=tf.int64)
-    return tf.data.Dataset.from_tensor_slices((share, position))
+    s = tf.unstack(tf.random.experimental.stateless_split(tf.stack([seed, e]), 4))
+    y = tf.random.stateless_uniform([n], s[0], 0, side - image_size + 1, tf.int32)
+    x = tf.random.stateless_uniform([n], s[1], 0, side - image_size + 1, tf.int32)
+    flip = tf.random.stateless_uniform([n], s[2]) < 0.5
+    colour = pca_colour(pca_std * tf.random.stateless_normal([n, 3], s[3]), stats)
+    pick = lambda a: tf.gather(a, mine)
+    return tf.data.Dataset.from_tensor_slices((pick(perm), pick(tf.stack([y, x], 1)), pick(flip), pick(colour)))
 
-  def load(index, position):
-    image = _decode_and_rescale(tf.gather(paths, index), resize_size)
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(tf.stack([seed, position]), 2))
-    image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), seed=crop_seed)
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return {"image": _normalize(image, mean), "label": tf.gather(labels, index)}
+  def load(index, offset, flip, colour):
+    crop, label = window(index, offset[0], offset[1], image_size)
+    return {"image": crop, "label": label, "offset": offset, "flip": flip, "colour": colour}
 
+  per_epoch = steps * batch_size
   first = start_step * batch_size
-  ds = tf.data.Dataset.range(first // per_host, 1 << 40).flat_map(epoch).skip(first % per_host)
+  ds = tf.data.Dataset.range(first // per_epoch, 1 << 40).flat_map(epoch).skip(first % per_epoch)
   ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
-  return ds.as_numpy_iterator()
+  return ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator()
 
 
-def eval_batches(split: Split, *, batch_size: int, image_size: int, resize_size: int,
-                 mean: Sequence[float], process_index: int = 0, process_count: int = 1,
+def eval_windows(side: int, size: int, crops: int) -> list[tuple[int, int, bool]]:
+  """(y, x, flipped) of the evaluation patches: the centre, or the paper's ten (four
+  corners and the centre, and their reflections)."""
+  c, far = (side - size) // 2, side - size
+  if crops == 1:
+    return [(c, c, False)]
+  if crops == 10:
+    five = [(0, 0), (0, far), (far, 0), (far, far), (c, c)]
+    return [(y, x, False) for y, x in five] + [(y, x, True) for y, x in five]
+  raise UserInputError(f"eval_crops={crops}; use 1 (centre) or 10 (the paper's ten patches)")
+
+
+def eval_batches(split: Split | Shards, *, batch_size: int, image_size: int, resize_size: int,
+                 crops: int = 1, process_index: int = 0, process_count: int = 1,
                  num_parallel_calls: int = -1) -> Iterator[dict]:
-  """The whole split once, centre crops, padded to full batches; 'mask' is 0 on padding.
+  """The whole split once, padded to full batches; 'mask' is 0 on padding.
 
-  Every process yields the same number of batches (its share, padded), so that all of
-  them step together; together the unpadded images cover the split exactly once.
+  'image' is uint8 (batch, H, W, 3) for one crop, (batch, 10, H, W, 3) for ten, with each
+  patch's 'offset' and 'flip' for `augment.normalize`. Every process yields the same
+  number of batches (its share, padded), so that all of them step together; together the
+  unpadded images cover the split exactly once.
   """
-  n = len(split)
+  n, side = len(split), _side(split, resize_size)
+  windows = eval_windows(side, image_size, crops)
   per_host = -(-n // process_count)
   num_batches = max(1, -(-per_host // batch_size))
   index = np.arange(process_index * per_host, process_index * per_host + num_batches * batch_size)
   mask = (index < min(n, (process_index + 1) * per_host)).astype(np.float32)
   index = np.where(mask > 0, index, 0)
-  paths = tf.constant(split.paths)
+  whole, window = _readers(split, resize_size)
+  offsets = tf.constant([[y, x] for y, x, _ in windows], tf.int32)
+  flips = tf.constant([f for _, _, f in windows])
 
   def load(i, m):
-    image = _decode_and_rescale(tf.gather(paths, i), resize_size)
-    image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
-    return {"image": _normalize(image, mean), "label": tf.gather(split.labels, i), "mask": m}
+    if len(windows) == 1:
+      (y, x, _), = windows
+      image, label = window(i, y, x, image_size)
+      return {"image": image, "label": label, "offset": offsets[0], "flip": flips[0], "mask": m}
+    image, label = whole(i)
+    patches = tf.stack([tf.ensure_shape(image[y:y + image_size, x:x + image_size], (image_size, image_size, 3))
+                        for y, x, _ in windows])
+    return {"image": patches, "label": label, "offset": offsets, "flip": flips, "mask": m}
 
   ds = tf.data.Dataset.from_tensor_slices((index, mask))
   ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)

@@ -1,4 +1,4 @@
-"""python -m alexnet_jax.main --config=configs/default.py --workdir=DIR [--config.KEY=VALUE ...]"""
+"""python -m alexnet_jax.main --config=configs/default.py --workdir=DIR [--mode=eval] [--config.KEY=VALUE ...]"""
 
 import os
 import sys
@@ -12,6 +12,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the config go.", required=True)
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resuming if possible), or evaluate a checkpoint.")
+_STEP = flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint step (default: the latest).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
@@ -45,7 +47,10 @@ def main(argv):
   from alexnet_jax import train  # imported after distributed init, as JAX asks
   from alexnet_jax.errors import UserInputError
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "eval":
+      train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserInputError as e:
     sys.exit(f"error: {e}")
 

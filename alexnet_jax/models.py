@@ -30,6 +30,7 @@ _CONV_GEOMETRY = {"conv1": (11, 4, None), "conv2": (5, 1, 2), "conv3": (3, 1, 1)
 _POOLED = ("conv1", "conv2", "conv5")
 _LRN_LAYERS = ("conv1", "conv2")
 VARIANTS = ("paper", "torchvision")
+LRN_SCOPES = ("tower", "all")
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
@@ -88,6 +89,23 @@ def feature_sides(arch: Arch, side: int, pool_window: int, pool_stride: int) -> 
   return sides
 
 
+def param_shapes(arch: Arch, num_classes: int, pool5_side: int) -> dict[str, tuple[tuple, tuple]]:
+  """(kernel shape, bias shape) of every layer; tower layers lead with the tower axis."""
+  t, width_in, shapes = arch.towers, 3, {}
+  for name, width in zip(CONV_LAYERS, arch.conv_widths):
+    k = _CONV_GEOMETRY[name][0]
+    cin = width_in * t if name in arch.cross_tower else width_in
+    shapes[name] = ((t, k, k, cin, width), (t, width))
+    width_in = width
+  width_in = pool5_side ** 2 * width_in
+  for name, width in zip(FC_LAYERS, arch.fc_widths):
+    cin = width_in * t if name in arch.cross_tower else width_in
+    shapes[name] = ((t, cin, width), (t, width))
+    width_in = width
+  shapes["fc8"] = ((width_in * t, num_classes), (num_classes,))
+  return shapes
+
+
 def merge_towers(a: jax.Array) -> jax.Array:
   """(towers, batch, ..., C) -> (batch, ..., towers * C): tower 0's channels first, as Caffe groups."""
   a = jnp.moveaxis(a, 0, -2)
@@ -96,13 +114,14 @@ def merge_towers(a: jax.Array) -> jax.Array:
 
 def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: Callable,
                   lrn_args: dict, pool: tuple[int, int], dtype: Any, keep_rate: float,
-                  axis: str | None, capture: bool) -> tuple[jax.Array, dict]:
+                  axis: str | None, capture: bool, lrn_scope: str = "tower") -> tuple[jax.Array, dict]:
   """The towers of the net on this device, up to fc7.
 
   `params` leaves carry a leading axis of the towers held here; `axis` names the mesh axis
   the other towers live on (None: all towers are local). Returns fc7 of the local towers
   concatenated on the feature axis, and, when `capture`, every named activation stacked
-  as (local towers, batch, ...).
+  as (local towers, batch, ...). `lrn_scope` "all" normalises across every tower's maps
+  (Caffe's one-GPU net) instead of within each tower (the paper's GPUs).
   """
   n_local = params["conv1"]["kernel"].shape[0]
   feats = {}
@@ -112,6 +131,14 @@ def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: C
     if axis is not None:
       h = jax.lax.all_gather(h, axis, axis=0, tiled=True)
     return jnp.concatenate(list(h), axis=-1)
+
+  def normalise(hs):
+    if lrn_scope == "tower":
+      return [ops.lrn(h, **lrn_args) for h in hs]
+    whole = ops.lrn(gather(hs), **lrn_args)  # every tower's maps; then each keeps its own slice
+    width = hs[0].shape[-1]
+    first = 0 if axis is None else jax.lax.axis_index(axis) * n_local
+    return [jax.lax.dynamic_slice_in_dim(whole, (first + t) * width, width, axis=-1) for t in range(n_local)]
 
   def record(name, hs):
     if capture:
@@ -133,7 +160,7 @@ def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: C
       hs = [act(ops.conv2d(h, kern[t], bias[t], stride, pad)) for t, h in enumerate(hs)]
       record(name, hs)
       if arch.lrn and name in _LRN_LAYERS:
-        hs = [ops.lrn(h, **lrn_args) for h in hs]
+        hs = normalise(hs)
       if name in _POOLED:
         hs = [ops.max_pool(h, *pool) for h in hs]
   with jax.named_scope("pool5"):
@@ -193,6 +220,7 @@ class AlexNet(nn.Module):
   lrn_n: int = 5
   lrn_alpha: float = 1e-4  # NOT divided by n, as in the paper
   lrn_beta: float = 0.75
+  lrn_scope: str = "tower"  # "tower": within each tower (the paper) | "all": across all maps (Caffe)
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
 
   def __post_init__(self):
@@ -201,6 +229,8 @@ class AlexNet(nn.Module):
       raise ValueError(f"unknown activation {self.activation!r}; choose one of {tuple(ACTIVATIONS)}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+    if self.lrn_scope not in LRN_SCOPES:
+      raise ValueError(f"unknown lrn_scope {self.lrn_scope!r}; choose one of {LRN_SCOPES}")
     if self.mesh is not None:
       self._check_mesh()
     super().__post_init__()
@@ -246,21 +276,12 @@ class AlexNet(nn.Module):
       raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}; AlexNet wants square crops")
 
     # Parameters: tower layers carry a leading tower axis.
-    t, params, width_in, ones = arch.towers, {}, 3, self.bias_one
-    for name, width in zip(CONV_LAYERS, arch.conv_widths):
-      k = _CONV_GEOMETRY[name][0]
-      cin = width_in * t if name in arch.cross_tower else width_in
-      bias_value = ones if name in ("conv2", "conv4", "conv5") else 0.0
-      kern, bias = self._layer(name, (t, k, k, cin, width), (t, width), bias_value)
-      params[name] = {"kernel": kern, "bias": bias}
-      width_in = width
-    width_in = sides["pool5"] ** 2 * width_in
-    for name, width in zip(FC_LAYERS, arch.fc_widths):
-      cin = width_in * t if name in arch.cross_tower else width_in
-      kern, bias = self._layer(name, (t, cin, width), (t, width), ones)
-      params[name] = {"kernel": kern, "bias": bias}
-      width_in = width
-    k8, b8 = self._layer("fc8", (width_in * t, self.num_classes), (self.num_classes,), 0.0)
+    t, params = arch.towers, {}
+    for name, shapes in param_shapes(arch, self.num_classes, sides["pool5"]).items():
+      bias_value = self.bias_one if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+      params[name] = dict(zip(("kernel", "bias"), self._layer(name, *shapes, bias_value)))
+    fc8 = params.pop("fc8")
+    k8, b8 = fc8["kernel"], fc8["bias"]
 
     masks = {}
     if train and self.dropout_rate > 0:
@@ -274,7 +295,7 @@ class AlexNet(nn.Module):
     fn = functools.partial(
         tower_forward, arch=arch, act=ACTIVATIONS[self.activation], pool=pool, dtype=self.dtype,
         lrn_args=dict(k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha, beta=self.lrn_beta),
-        keep_rate=1.0 - self.dropout_rate, capture=capture)
+        keep_rate=1.0 - self.dropout_rate, capture=capture, lrn_scope=self.lrn_scope)
     if self.mesh is None:
       fc7, feats = fn(params, images, masks, axis=None)
     else:

@@ -8,19 +8,23 @@ takes effect at once instead of being smeared over the momentum's memory.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import optax
 
+from alexnet_jax.models import TOWER_LAYERS
+
 SCHEDULES = ("piecewise", "plateau", "cosine", "constant")
+LAYERS = TOWER_LAYERS + ("fc8",)  # the eight learned layers, input to output
 
 
 def paper_sgd(learning_rate: float | optax.Schedule, momentum: float = 0.9, weight_decay: float = 5e-4,
-              decay_biases: bool = False) -> optax.GradientTransformation:
+              decay_biases: bool = False, frozen: Sequence[str] = ()) -> optax.GradientTransformation:
   """The update rule; the current rate is readable (and, for plateau, settable) in
   `opt_state.hyperparams['learning_rate']`. Weight decay skips biases unless `decay_biases`
-  (cuda-convnet decayed only weights)."""
+  (cuda-convnet decayed only weights). The top-level entries (layers) named in `frozen` get
+  no update at all, weight decay included."""
   def rule(learning_rate):
     mask = None if decay_biases else (lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], "key", None) != "bias", params))
@@ -28,8 +32,18 @@ def paper_sgd(learning_rate: float | optax.Schedule, momentum: float = 0.9, weig
         optax.add_decayed_weights(weight_decay, mask),  # g + wd * w
         optax.scale_by_learning_rate(learning_rate, flip_sign=True),  # -lr * (g + wd * w)
         optax.trace(decay=momentum),  # v <- momentum * v - lr * (g + wd * w)
+        # Always in the chain, even with nothing frozen, so the optimizer state has one
+        # structure and a checkpoint restores whatever is frozen.
+        optax.masked(optax.set_to_zero(), lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[0], "key", None) in frozen, params)),
     )
   return optax.inject_hyperparams(rule)(learning_rate=learning_rate)
+
+
+def frozen_layers(train_last: int) -> tuple[str, ...]:
+  """The layers that fine-tuning keeps fixed when only the last `train_last` of the eight
+  train (0: none frozen; 1: only fc8 trains)."""
+  return LAYERS[:len(LAYERS) - train_last] if train_last > 0 else ()
 
 
 def make_schedule(name: str, base_lr: float, steps_per_epoch: int, total_steps: int,

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import os
 from typing import Any, Iterator
 
@@ -18,7 +20,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax import checkpoints, input_pipeline, metrics, optim, sharding, synthetic
+from alexnet_jax import augment, checkpoints, input_pipeline, metrics, optim, pretrained, sharding, synthetic
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import AlexNet
@@ -37,11 +39,16 @@ def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
   return AlexNet(num_classes=config.num_classes, variant=m.variant, mesh=mesh,
                  towers=m.towers if m.variant == "paper" else None, activation=m.activation, lrn=m.lrn,
                  overlapping_pool=m.overlapping_pool, dropout_rate=m.dropout_rate, init_std=m.init_std,
-                 bias_one=m.bias_one, dtype=jnp.dtype(config.dtype))
+                 bias_one=m.bias_one, lrn_scope=m.lrn_scope, lrn_k=m.lrn_k, lrn_n=m.lrn_n, lrn_alpha=m.lrn_alpha,
+                 lrn_beta=m.lrn_beta, dtype=jnp.dtype(config.dtype))
 
 
-def load_splits(config: ml_collections.ConfigDict, workdir: str) -> tuple[input_pipeline.Split, input_pipeline.Split]:
-  """The train and val splits the config names; the synthetic set is generated on first use."""
+def load_splits(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, input_pipeline.Stats]:
+  """The train and val splits the config names, and the statistics training subtracts and jitters with.
+
+  "imagenet2012" reads shards written by `alexnet_jax.prepare` (from the ImageNet archives
+  or any image-folder tree); the synthetic set is generated on first use.
+  """
   data_dir = config.data_dir
   if config.dataset == "synthetic":
     data_dir = data_dir or os.path.join(workdir, "data")
@@ -51,22 +58,26 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> tuple[input_
       synthetic.generate(data_dir, **sizes)
     _sync("synthetic data")
     synthetic.generate(data_dir, **sizes)  # a no-op where the first process already wrote it
-  elif config.dataset == "imagenet2012" and not os.path.isdir(os.path.join(data_dir or "", "train")):
-    raise UserInputError(
-        f"ImageNet is not prepared at data_dir={data_dir!r}: download ILSVRC2012_img_train.tar and "
-        "ILSVRC2012_img_val.tar from image-net.org, extract them to DIR/train/<wnid>/*.JPEG and "
-        "DIR/val/<wnid>/*.JPEG, then pass --config.data_dir=DIR")
-  train, val = input_pipeline.read_image_folder(data_dir)
+  if config.dataset == "imagenet2012":
+    train, val = input_pipeline.read_prepared(data_dir)
+    if train.side != config.resize_size:
+      raise UserInputError(f"{data_dir} was prepared at {train.side}x{train.side} but resize_size={config.resize_size}; "
+                           f"set --config.resize_size={train.side}")
+  else:
+    train, val = input_pipeline.read_image_folder(data_dir)
   if len(train.classes) != config.num_classes:
-    raise UserInputError(f"num_classes={config.num_classes} but {data_dir}/train has {len(train.classes)} class "
-                         f"folders; set --config.num_classes={len(train.classes)}")
-  return train, val
+    raise UserInputError(f"num_classes={config.num_classes} but {data_dir} has {len(train.classes)} classes; "
+                         f"set --config.num_classes={len(train.classes)}")
+  stats = input_pipeline.load_stats(data_dir if config.dataset == "imagenet2012" else "", config.resize_size,
+                                    config.channel_mean, per_pixel=config.mean_subtraction == "image")
+  return train, val, stats
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
   schedule = optim.make_schedule(config.lr_schedule, config.learning_rate, steps_per_epoch, total_steps,
                                  tuple(config.lr_boundaries_epochs), config.lr_decay_factor)
-  return optim.paper_sgd(schedule, config.momentum, config.weight_decay, config.weight_decay_on_biases)
+  return optim.paper_sgd(schedule, config.momentum, config.weight_decay, config.weight_decay_on_biases,
+                         frozen=optim.frozen_layers(config.freeze_all_but_last))
 
 
 def _sync(name: str) -> None:
@@ -81,11 +92,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int):
   """One SGD step; dropout's randomness is a function of (seed, step) only."""
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict, mean_image: jax.Array) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    images = augment.normalize(batch, mean_image)
 
     def loss_fn(params):
-      logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
       return jnp.mean(cross_entropy(logits, batch["label"])), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -98,14 +110,22 @@ def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int)
 
 
 def make_eval_step(model: AlexNet):
-  """Sums over a padded batch: loss, top-1 and top-5 mistakes and the count of real images."""
-  def eval_step(params: Any, batch: dict) -> dict:
-    logits = model.apply({"params": params}, batch["image"])
+  """Sums over a padded batch: loss, top-1 and top-5 mistakes and the count of real images.
+
+  Images of shape (batch, crops, H, W, 3) are the paper's ten patches: their softmax
+  outputs are averaged (log of the mean, computed stably).
+  """
+  def eval_step(params: Any, batch: dict, mean_image: jax.Array) -> dict:
+    images = augment.normalize(batch, mean_image)
+    crops = images.shape[1] if images.ndim == 5 else 1
+    logits = model.apply({"params": params}, images.reshape((-1,) + images.shape[-3:]))
+    log_probs = jax.nn.log_softmax(logits).reshape(images.shape[0], crops, -1)
+    log_probs = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(crops)
     mask, labels = batch["mask"], batch["label"]
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
     in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
-    return {"loss": jnp.sum(cross_entropy(logits, labels) * mask),
-            "top1_wrong": jnp.sum((jnp.argmax(logits, -1) != labels) * mask),
+    return {"loss": jnp.sum(cross_entropy(log_probs, labels) * mask),
+            "top1_wrong": jnp.sum((jnp.argmax(log_probs, -1) != labels) * mask),
             "top5_wrong": jnp.sum((~in_top5) * mask),
             "count": jnp.sum(mask)}
   return eval_step
@@ -127,11 +147,12 @@ def prefetch_to_device(batches: Iterator[dict], batch_sharding: NamedSharding, s
     yield queue.popleft()
 
 
-def evaluate(eval_step, params: Any, batches: Iterator[dict], batch_sharding: NamedSharding) -> dict:
+def evaluate(eval_step, params: Any, batches: Iterator[dict], batch_sharding: NamedSharding,
+             mean_image: jax.Array) -> dict:
   """Loss and top-1/top-5 error over the whole split; one host sync, at the end."""
   totals = None
   for batch in prefetch_to_device(batches, batch_sharding):
-    out = eval_step(params, batch)
+    out = eval_step(params, batch, mean_image)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   n = float(totals["count"])
@@ -166,54 +187,125 @@ def _apply_plateau(state: TrainState, val_error: float, config: ml_collections.C
                                 "drops": jnp.int32(plateau["drops"])})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from the latest checkpoint in workdir if any) and evaluates.
+@dataclasses.dataclass
+class _Job:
+  """Everything a run or an evaluation of `config` in `workdir` needs, built before any compilation."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  train_split: Any
+  val_split: Any
+  stats: input_pipeline.Stats
+  mesh: Mesh
+  model: AlexNet
+  tx: optax.GradientTransformation
+  state: TrainState
+  state_shardings: Any
+  mgr: Any
+  steps_per_epoch: int
+  total_steps: int
 
-  Returns the last evaluation's metrics.
-  """
+  @property
+  def data_args(self) -> dict:
+    return dict(image_size=self.config.image_size, resize_size=self.config.resize_size,
+                batch_size=self.config.batch_size // jax.process_count(), process_index=jax.process_index(),
+                process_count=jax.process_count(), num_parallel_calls=self.config.num_parallel_calls)
+
+  @functools.cached_property
+  def mean_image(self) -> jax.Array:
+    return jax.device_put(self.stats.mean_image, self.replicated)
+
+  @functools.cached_property
+  def eval_step(self):
+    return jax.jit(make_eval_step(self.model), out_shardings=self.replicated,
+                   in_shardings=(self.state_shardings.params, self.batch_sharding, self.replicated))
+
+  def evaluate(self, params: Any) -> dict:
+    """Loss, top-1 and top-5 error over the whole validation split (config.eval_crops patches)."""
+    batches = input_pipeline.eval_batches(self.val_split, crops=self.config.eval_crops, **self.data_args)
+    return evaluate(self.eval_step, params, batches, self.batch_sharding, self.mean_image)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return sharding.batch_sharding(self.mesh)
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Job:
   check_config(config)
   workdir = os.path.abspath(workdir)
-  lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     checkpoints.check_resumable(workdir, config)
-  train_split, val_split = load_splits(config, workdir)
-
+  train_split, val_split, stats = load_splits(config, workdir)
   mesh = sharding.make_mesh(config.model_parallelism)
   model = create_model(config, mesh)
   steps_per_epoch = len(train_split) // config.batch_size
   total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
   tx = create_optimizer(config, steps_per_epoch, total_steps)
   state, state_shardings = _initial_state(model, tx, config.image_size, config.seed, mesh)
-
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
+  return _Job(config, workdir, train_split, val_split, stats, mesh, model, tx, state, state_shardings, mgr,
+              steps_per_epoch, total_steps)
+
+
+def _log_eval(step: int, result: dict) -> None:
+  if jax.process_index() == 0:
+    logging.info("step %d: val loss %.4f, top-1 error %.2f%%, top-5 error %.2f%%", step, result["val/loss"],
+                 100 * result["val/top1_error"], 100 * result["val/top5_error"])
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+  """Evaluates the latest (or the named) checkpoint of workdir on the whole validation split."""
+  job = _setup(config, workdir)
+  steps = job.mgr.all_steps()
+  if not steps or (step is not None and step not in steps):
+    job.mgr.close()
+    raise UserInputError(f"no checkpoint {'' if step is None else step} in {job.mgr.directory}"
+                         f"{f' (there are {sorted(steps)})' if steps else ''}: train first, or pass a saved --step")
+  state = checkpoints.restore(job.mgr, job.state, step)
+  job.mgr.close()
+  result = job.evaluate(state.params)
+  _log_eval(int(state.step), result)
+  writer = metrics.MetricWriter(job.workdir, enabled=jax.process_index() == 0)
+  writer.write(int(state.step), result | {"val/eval_crops": config.eval_crops})
+  writer.close()
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in workdir if any) and evaluates.
+
+  Returns the last evaluation's metrics.
+  """
+  job = _setup(config, workdir)
+  lead = jax.process_index() == 0
+  state, mgr, total_steps = job.state, job.mgr, job.total_steps
   if mgr.latest_step() is not None:
     state = checkpoints.restore(mgr, state)
     logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
+  elif config.init_from:
+    state = state.replace(params=pretrained.init_params(config, state.params))
   if lead:
-    checkpoints.save_config(workdir, config)
+    checkpoints.save_config(job.workdir, config)
 
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = NamedSharding(mesh, P())
-  train_step = jax.jit(make_train_step(model, tx, config.seed), donate_argnums=0,
-                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated))
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding),
-                      out_shardings=replicated)
-  local_batch = config.batch_size // jax.process_count()
-  data_args = dict(image_size=config.image_size, resize_size=config.resize_size, mean=tuple(config.channel_mean),
-                   process_index=jax.process_index(), process_count=jax.process_count(),
-                   num_parallel_calls=config.num_parallel_calls)
-
+  train_step = jax.jit(make_train_step(job.model, job.tx, config.seed), donate_argnums=0,
+                       in_shardings=(job.state_shardings, job.batch_sharding, job.replicated),
+                       out_shardings=(job.state_shardings, job.replicated))
   start = int(state.step)
-  writer = metrics.MetricWriter(workdir, enabled=lead)
+  writer = metrics.MetricWriter(job.workdir, enabled=lead)
   progress = metrics.Progress(total_steps, start, enabled=lead)
   batches = prefetch_to_device(input_pipeline.train_batches(
-      train_split, batch_size=local_batch, seed=config.seed, start_step=start, **data_args), batch_sharding)
+      job.train_split, stats=job.stats, seed=config.seed, pca_std=config.pca_noise_std, start_step=start,
+      **job.data_args),
+      job.batch_sharding)
   logging.info("training %s for %d steps (%d per epoch) on a %s mesh, from step %d", config.model.variant,
-               total_steps, steps_per_epoch, dict(mesh.shape), start)
+               total_steps, job.steps_per_epoch, dict(job.mesh.shape), start)
   pending, last_eval = [], {}
   for step in range(start + 1, total_steps + 1):
-    state, step_metrics = train_step(state, next(batches))
+    state, step_metrics = train_step(state, next(batches), job.mean_image)
     pending.append(step_metrics)
     if step % config.log_every_steps == 0 or step == total_steps:
       summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
@@ -223,20 +315,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending = []
     evaluated = step % config.eval_every_steps == 0 or step == total_steps
     if evaluated:
-      last_eval = evaluate(eval_step, state.params, input_pipeline.eval_batches(
-          val_split, batch_size=local_batch, **data_args), batch_sharding)
+      last_eval = job.evaluate(state.params)
       writer.write(step, last_eval)
-      if lead:
-        logging.info("step %d: val loss %.4f, top-1 error %.2f%%, top-5 error %.2f%%", step, last_eval["val/loss"],
-                     100 * last_eval["val/top1_error"], 100 * last_eval["val/top5_error"])
+      _log_eval(step, last_eval)
       if config.lr_schedule == "plateau":
         state = _apply_plateau(state, last_eval["val/top1_error"], config)
     if step % config.checkpoint_every_steps == 0 or step == total_steps:
       checkpoints.save(mgr, step, state, metrics={checkpoints.BEST_METRIC: last_eval["val/top1_error"]}
                        if evaluated else None)
   if start >= total_steps:  # already trained: report the checkpoint's quality
-    last_eval = evaluate(eval_step, state.params, input_pipeline.eval_batches(
-        val_split, batch_size=local_batch, **data_args), batch_sharding)
+    last_eval = job.evaluate(state.params)
   mgr.wait_until_finished()
   mgr.close()
   writer.close()

@@ -6,21 +6,29 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = "imagenet2012"  # "synthetic" | "image_folder" | "imagenet2012"
-  config.data_dir = ""  # "synthetic": where to generate it ("" = WORKDIR/data)
+  config.dataset = "imagenet2012"  # "synthetic" | "image_folder" | "imagenet2012" (`prepare`'s shards)
+  config.data_dir = ""  # imagenet2012: prepare's --data_dir; synthetic: where to generate it ("" = WORKDIR/data)
   config.num_classes = 1000
   config.image_size = 227  # the crop; the paper's "224" is an erratum (see README)
   config.resize_size = 256  # shorter side rescaled to this, then the central square
   config.synthetic_train_per_class = 300  # size of the generated "synthetic" set
   config.synthetic_val_per_class = 50
   config.num_parallel_calls = -1  # tf.data threads per map (-1 = autotune)
-  config.channel_mean = (123.675, 116.28, 103.53)  # RGB, subtracted from raw 0-255 pixels
+  config.channel_mean = (123.675, 116.28, 103.53)  # RGB in 0-255, when no prepared statistics exist
+  config.mean_subtraction = "image"  # "image": the per-pixel mean image (the paper) | "channel"
+  config.pca_noise_std = 0.1  # std of the paper's PCA colour-noise alphas; 0 turns it off
+  config.eval_crops = 10  # 10: the paper's ten patches, softmax averaged | 1: the centre crop
   # Model.
   config.model = ml_collections.ConfigDict()
   config.model.variant = "paper"  # "paper" | "torchvision"
   config.model.towers = 2  # paper: 2, or 1 for its one-GPU comparison net
   config.model.activation = "relu"
   config.model.lrn = True
+  config.model.lrn_scope = "tower"  # "tower": each tower over its own maps (the paper) | "all" (Caffe)
+  config.model.lrn_k = 2.0
+  config.model.lrn_n = 5
+  config.model.lrn_alpha = 1e-4  # NOT divided by n (Caffe's and PyTorch's alpha is this times n)
+  config.model.lrn_beta = 0.75
   config.model.overlapping_pool = True
   config.model.dropout_rate = 0.5
   config.model.init_std = 0.01
@@ -40,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_decay_factor = 0.1
   config.plateau_patience = 2  # evaluations without improvement before dividing by 10
   config.plateau_max_drops = 3
+  # Fine-tuning (used only when WORKDIR has no checkpoint yet; a resumed run ignores them).
+  config.init_from = ""  # start from: a workdir of ours, or a .pth/.pt/.safetensors/.npz/.npy file
+  config.freeze_all_but_last = 0  # > 0: train only the last k of the 8 layers (1: fc8 only)
   # Loop.
   config.seed = 0
   config.log_every_steps = 100

@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_jax import augment
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.errors import UserInputError
 
-ARGS = dict(image_size=24, resize_size=32, mean=(0.0, 0.0, 0.0))
+ZERO = ip.load_stats("", 32, (0.0, 0.0, 0.0))
+ARGS = dict(image_size=24, resize_size=32)
+PLAIN = dict(ARGS, stats=ZERO, pca_std=0.0)
+
+
+def net_input(batch, stats=ZERO):
+  """What the train and eval steps feed the network: the device half of the augmentation."""
+  return np.asarray(augment.normalize(batch, stats.mean_image))
 
 
 def write(path, mode, size, value):
@@ -39,8 +47,9 @@ def test_classes_sorted_to_labels_and_all_formats_decode(folder):
   train, val = ip.read_image_folder(folder)
   assert train.classes == ("a_cat", "b_dog", "c_fox") and len(train) == 8
   assert val.classes == train.classes and sorted(val.labels.tolist()) == [0, 2, 2]
-  batch = next(ip.train_batches(train, batch_size=8, seed=0, **ARGS))
-  assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.float32
+  batch = next(ip.train_batches(train, batch_size=8, seed=0, **PLAIN))
+  assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.uint8
+  assert net_input(batch).dtype == np.float32
   by_label = {int(l): img for l, img in zip(batch["label"], batch["image"])}
   np.testing.assert_allclose(by_label[2], 200, atol=1)  # RGBA -> RGB, alpha dropped
   gray = [img for l, img, in zip(batch["label"], batch["image"]) if l == 1 and abs(img.mean() - 100) < 2]
@@ -49,8 +58,9 @@ def test_classes_sorted_to_labels_and_all_formats_decode(folder):
 
 def test_mean_is_subtracted(folder):
   train, _ = ip.read_image_folder(folder)
-  batch = next(ip.train_batches(train, batch_size=8, seed=0, image_size=24, resize_size=32, mean=(10.0, 20.0, 30.0)))
-  rgba = batch["image"][batch["label"] == 2][0]
+  stats = ip.load_stats("", 32, (10.0, 20.0, 30.0))
+  batch = next(ip.train_batches(train, batch_size=8, seed=0, image_size=24, resize_size=32, pca_std=0.0, stats=stats))
+  rgba = net_input(batch, stats)[batch["label"] == 2][0]
   np.testing.assert_allclose(rgba.mean(axis=(0, 1)), [190, 180, 170], atol=1)
 
 
@@ -68,7 +78,7 @@ def test_eval_covers_the_split_once_with_padding(folder):
 
 
 def train_stream(split, steps, **kw):
-  it = ip.train_batches(split, batch_size=2, seed=3, **ARGS, **kw)
+  it = ip.train_batches(split, batch_size=2, seed=3, **PLAIN, **kw)
   return [next(it) for _ in range(steps)]
 
 
@@ -82,7 +92,7 @@ def test_training_order_is_seeded_disjoint_per_host_and_resumable(folder):
     np.testing.assert_array_equal(x["image"], y["image"])
   # Per epoch (4 images per host with 2 hosts), the hosts' shares are disjoint and cover 8 files.
   def files(pi):
-    it = ip.train_batches(train, batch_size=4, seed=3, process_index=pi, process_count=2, **ARGS)
+    it = ip.train_batches(train, batch_size=4, seed=3, process_index=pi, process_count=2, **PLAIN)
     return next(it)
   h0, h1 = files(0), files(1)
   pixels = sorted(round(float(v), 1) for h in (h0, h1) for v in h["image"].mean(axis=(1, 2, 3)))
@@ -98,8 +108,9 @@ def test_augmentation_crops_and_flips_vary(tmp_path):
     os.makedirs(root / split / "x")
     Image.fromarray(gradient).save(root / split / "x" / "g.png")
   train, _ = ip.read_image_folder(str(root))
-  it = ip.train_batches(train, batch_size=1, seed=0, image_size=24, resize_size=64, mean=(0, 0, 0))
-  crops = {tuple(next(it)["image"][0, 0, [0, -1], 0].tolist()) for _ in range(12)}
+  stats = ip.load_stats("", 64, (0, 0, 0))
+  it = ip.train_batches(train, batch_size=1, seed=0, image_size=24, resize_size=64, pca_std=0.0, stats=stats)
+  crops = {tuple(net_input(next(it), stats)[0, 0, [0, -1], 0].tolist()) for _ in range(12)}
   assert len(crops) > 3  # different offsets
   assert any(a > b for a, b in crops) and any(a < b for a, b in crops)  # both orientations
 
@@ -122,3 +133,58 @@ def test_bad_folders_are_named(tmp_path, layout, message):
       path.write_text("x")
   with pytest.raises(UserInputError, match=message):
     ip.read_image_folder(str(root))
+
+
+def constant_folder(root, pixels, copies=1):
+  for split in ("train", "val"):
+    os.makedirs(root / split / "x", exist_ok=True)
+    for i in range(copies):
+      Image.fromarray(pixels).save(root / split / "x" / f"{i}.png")
+  return ip.read_image_folder(str(root))
+
+
+def test_pca_noise_has_the_stated_covariance(tmp_path):
+  train, _ = constant_folder(tmp_path, np.full((16, 16, 3), 128, np.uint8), copies=50)
+  eigvec = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0].astype(np.float32)
+  stats = ip.Stats(np.full((16, 16, 3), 128, np.float32), np.array([0.2, 0.05, 0.01], np.float32), eigvec)
+  it = ip.train_batches(train, batch_size=50, seed=1, image_size=8, resize_size=16, stats=stats, pca_std=0.1)
+  noise = np.concatenate([net_input(next(it), stats)[:, 0, 0, :] for _ in range(80)])  # 4000 presentations
+  assert noise.shape == (4000, 3)
+  expected = 255.0 ** 2 * eigvec @ np.diag((0.1 * stats.eigval) ** 2) @ eigvec.T
+  np.testing.assert_allclose(np.cov(noise.T), expected, rtol=0.1, atol=0.02 * expected.max())
+  np.testing.assert_allclose(noise.mean(0), 0, atol=0.1 * np.sqrt(expected.max()))
+  # One draw per image: every pixel of an image moves by the same colour.
+  image = net_input(next(it), stats)[0]
+  np.testing.assert_allclose(image, np.broadcast_to(image[0, 0], image.shape), atol=1e-4)
+
+
+def test_ten_patches_are_the_paper_windows(tmp_path):
+  assert ip.eval_windows(256, 227, 10) == [(0, 0, False), (0, 29, False), (29, 0, False), (29, 29, False),
+                                           (14, 14, False), (0, 0, True), (0, 29, True), (29, 0, True),
+                                           (29, 29, True), (14, 14, True)]
+  assert ip.eval_windows(256, 227, 1) == [(14, 14, False)]
+  yy, xx = np.mgrid[0:32, 0:32]
+  pixels = np.stack([yy * 7, xx * 7, (yy + xx) * 3], -1).astype(np.uint8)
+  _, val = constant_folder(tmp_path, pixels)
+  batch = next(ip.eval_batches(val, batch_size=1, image_size=24, resize_size=32, crops=10))
+  patches = net_input(batch)[0]
+  assert patches.shape == (10, 24, 24, 3)
+  for patch, (y, x, flip) in zip(patches, ip.eval_windows(32, 24, 10)):
+    window = pixels[y:y + 24, x:x + 24].astype(np.float32)
+    np.testing.assert_allclose(patch, window[:, ::-1] if flip else window, atol=1.0)
+
+
+def test_mean_image_is_subtracted_at_the_crop_position(tmp_path):
+  """Images equal to the mean image become exactly zero, whatever the crop and the flip."""
+  yy, xx = np.mgrid[0:32, 0:32]
+  pixels = np.stack([yy * 7, xx * 7, (yy * xx) % 200], -1).astype(np.uint8)
+  train, val = constant_folder(tmp_path, pixels)
+  stats = ip.Stats(pixels.astype(np.float32), ZERO.eigval, ZERO.eigvec)
+  it = ip.train_batches(train, batch_size=1, seed=0, image_size=20, resize_size=32, stats=stats, pca_std=0.0)
+  for _ in range(10):
+    np.testing.assert_allclose(net_input(next(it), stats), 0.0, atol=1.0)
+  for crops in (1, 10):
+    batch = next(ip.eval_batches(val, batch_size=1, image_size=20, resize_size=32, crops=crops))
+    np.testing.assert_allclose(net_input(batch, stats), 0.0, atol=1.0)
+  flat = ip.load_stats("", 32, (1.0, 2.0, 3.0), per_pixel=False)
+  np.testing.assert_allclose(flat.mean_image[5, 7], [1, 2, 3])

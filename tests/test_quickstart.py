@@ -32,4 +32,4 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
       "the keys are those of the config file's get_config()")
   out = run("--config=configs/default.py")
   last = out.stderr.strip().splitlines()[-1]
-  assert out.returncode != 0 and last.startswith("error: ImageNet is not prepared") and "Traceback" not in out.stderr
+  assert out.returncode != 0 and last.startswith("error: no prepared dataset at data_dir=") and "Traceback" not in out.stderr

@@ -130,7 +130,7 @@ def test_bad_model_values_are_named():
 
 
 def test_data_problems_are_named_before_compiling(tmp_path):
-  with pytest.raises(UserInputError, match="ImageNet is not prepared"):
+  with pytest.raises(UserInputError, match="no prepared dataset at data_dir=.*alexnet_jax.prepare"):
     train.train_and_evaluate(default.get_config(), str(tmp_path / "w"))
   config = default.get_config()
   config.dataset, config.data_dir = "image_folder", str(tmp_path / "missing")

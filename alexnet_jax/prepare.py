@@ -1,0 +1,300 @@
+"""Builds the paper's down-sampled dataset: 256x256 JPEG shards plus training-set statistics.
+
+  python -m alexnet_jax.prepare --manual_dir=DIR --data_dir=OUT
+
+DIR holds the two official archives (ILSVRC2012_img_train.tar, an archive of per-class
+archives, and ILSVRC2012_img_val.tar), or an image-folder tree DIR/train/<class>/*,
+DIR/val/<class>/*. One pass over the input: every image is decoded once, its shorter side
+rescaled to 256 and its central 256x256 square re-encoded as JPEG into ArrayRecord
+shards (one per training class, 1000 images per validation shard). ArrayRecord gives
+random access by index, so training reads any permutation of the split, splits it
+exactly between processes and resumes mid-epoch without replaying data; a 256x256 JPEG
+is ~8x smaller than raw pixels and decodes (with the fused crop) in a fraction of the
+time of a full-size image. Shards are written under a temporary name and renamed when
+complete, so an interrupted run restarts where it stopped. ImageNet's labels come from
+tensorflow-datasets' own label files. Unreadable images are skipped, named and counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tarfile
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image
+
+from alexnet_jax.errors import UserInputError
+
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+INFO_FILE, STATS_FILE = "dataset_info.json", "stats.npz"
+SIDE = 256
+VAL_SHARD = 1000
+_EXT = ".array_record"
+
+
+def tfds_label_file(name: str) -> str:
+  """A label file shipped inside tensorflow-datasets, found without importing the package."""
+  spec = importlib.util.find_spec("tensorflow_datasets")
+  if spec is None or not spec.submodule_search_locations:
+    raise UserInputError("tensorflow-datasets is not installed: pip install -r requirements.txt")
+  return os.path.join(spec.submodule_search_locations[0], "datasets", "imagenet2012", name)
+
+
+def imagenet_classes() -> list[str]:
+  with open(tfds_label_file("labels.txt")) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def imagenet_val_labels() -> list[str]:
+  """The wnid of ILSVRC2012_val_{i+1:08d}.JPEG at position i."""
+  with open(tfds_label_file("validation_labels.txt")) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def downsample(data: bytes, side: int = SIDE, quality: int = 90) -> bytes:
+  """Shorter side to `side`, central square, re-encoded as RGB JPEG. Raises on a bad image.
+
+  PIL reads what the real archive holds: CMYK and grayscale JPEGs, PNGs named .JPEG.
+  """
+  image = Image.open(io.BytesIO(data))
+  image.draft("RGB", (side, side))  # JPEG: let libjpeg decode at the smallest scale >= side
+  image = image.convert("RGB")
+  w, h = image.size
+  scale = side / min(w, h)
+  nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
+  image = image.resize((nw, nh), Image.BICUBIC)
+  left, top = (nw - side) // 2, (nh - side) // 2
+  out = io.BytesIO()
+  image.crop((left, top, left + side, top + side)).save(out, "JPEG", quality=quality)
+  return out.getvalue()
+
+
+def _encode(item: tuple[str, bytes, int], quality: int) -> tuple[str, bytes | None, int, str]:
+  name, data, label = item
+  try:
+    return name, downsample(data, quality=quality), label, ""
+  except Exception as e:  # anything PIL cannot read is skipped and reported, never a zero image
+    return name, None, label, f"{type(e).__name__}: {e}"
+
+
+def _example(jpeg: bytes, label: int, name: str) -> bytes:
+  import tensorflow as tf
+  feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
+             "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+             "file_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode()]))}
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def num_records(path: str) -> int:
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(path)
+  n = reader.num_records()
+  reader.close()
+  return n
+
+
+def write_shard(path: str, items: Iterable[tuple[str, bytes, int]], pool, quality: int) -> tuple[int, list[str]]:
+  """Encodes items in the pool and writes them to `path` atomically; returns (written, skipped)."""
+  from array_record.python import array_record_module
+  tmp = path + ".tmp"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  written, skipped = 0, []
+  for name, jpeg, label, error in pool.map(functools.partial(_encode, quality=quality), items, chunksize=8):
+    if jpeg is None:
+      skipped.append(f"{name}: {error}")
+      logging.warning("skipped unreadable image %s (%s)", name, error)
+      continue
+    writer.write(_example(jpeg, label, name))
+    written += 1
+  writer.close()
+  os.replace(tmp, path)
+  return written, skipped
+
+
+def _tar_images(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+  for member in tar:
+    if member.isfile():
+      yield member.name, tar.extractfile(member).read()
+
+
+def _archive_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
+  """(train jobs, val jobs, classes) for the official archives: each job (shard name, item thunk)."""
+  classes = imagenet_classes()
+  index = {w: i for i, w in enumerate(classes)}
+  train_tar = tarfile.open(os.path.join(manual_dir, TRAIN_TAR))
+  members = [m for m in train_tar.getmembers() if m.isfile()]
+  bad = [m.name for m in members if os.path.splitext(os.path.basename(m.name))[0] not in index]
+  if bad or not members:
+    raise UserInputError(f"{TRAIN_TAR} does not have the official layout (one <wnid>.tar per class): "
+                         f"found {bad[:3] or 'no files'}")
+
+  def class_items(member):
+    wnid = os.path.splitext(os.path.basename(member.name))[0]
+    inner = tarfile.open(fileobj=train_tar.extractfile(member))
+    return [(f"{wnid}/{os.path.basename(n)}", d, index[wnid]) for n, d in _tar_images(inner)]
+
+  train = [(f"{index[os.path.splitext(os.path.basename(m.name))[0]]:04d}", (lambda m=m: class_items(m)))
+           for m in members]
+  val_labels = imagenet_val_labels()
+  val_tar = tarfile.open(os.path.join(manual_dir, VAL_TAR))
+  val_members = sorted((m for m in val_tar.getmembers() if m.isfile()), key=lambda m: m.name)
+
+  def val_position(name):
+    stem = os.path.splitext(os.path.basename(name))[0]
+    try:
+      return int(stem.rsplit("_", 1)[1]) - 1
+    except (IndexError, ValueError):
+      raise UserInputError(f"{VAL_TAR} does not have the official layout: unexpected file {name}") from None
+
+  def val_items(chunk):
+    return [(os.path.basename(m.name), val_tar.extractfile(m).read(), index[val_labels[val_position(m.name)]])
+            for m in chunk]
+
+  for m in val_members:
+    val_position(m.name)
+  val = [(f"{k // VAL_SHARD:05d}", (lambda c=val_members[k:k + VAL_SHARD]: val_items(c)))
+         for k in range(0, len(val_members), VAL_SHARD)]
+  return train, val, classes
+
+
+def _folder_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
+  """The same jobs for an image-folder tree (the class folders' sorted names are the labels)."""
+  from alexnet_jax import input_pipeline  # only for listing files: TensorFlow is already needed here
+  train_split, val_split = input_pipeline.read_image_folder(manual_dir)
+  classes = list(train_split.classes)
+
+  def items(paths, labels):
+    out = []
+    for p, l in zip(paths, labels):
+      with open(p, "rb") as f:
+        out.append((os.path.relpath(p, manual_dir), f.read(), int(l)))
+    return out
+
+  train = []
+  for label, name in enumerate(classes):
+    paths = [p for p, l in zip(train_split.paths, train_split.labels) if l == label]
+    train.append((f"{label:04d}", (lambda p=paths, l=label: items(p, [l] * len(p)))))
+  val = [(f"{k // VAL_SHARD:05d}", (lambda k=k: items(val_split.paths[k:k + VAL_SHARD], val_split.labels[k:k + VAL_SHARD])))
+         for k in range(0, len(val_split), VAL_SHARD)]
+  return train, val, classes
+
+
+def _input_bytes(manual_dir: str, archives: bool) -> int:
+  if archives:
+    return sum(os.path.getsize(os.path.join(manual_dir, t)) for t in (TRAIN_TAR, VAL_TAR))
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(manual_dir) for f in fs)
+
+
+def compute_stats(train_files: list[str], sample: int) -> dict:
+  """Per-pixel mean image and the eigen-decomposition of the RGB covariance (pixels in [0, 1])
+  from `sample` images spread evenly over the training shards."""
+  import tensorflow as tf
+  from array_record.python.array_record_data_source import ArrayRecordDataSource
+  source = ArrayRecordDataSource(train_files)
+  n = len(source)
+  picks = np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64))
+  total = np.zeros((SIDE, SIDE, 3), np.float64)
+  moment = np.zeros((3, 3), np.float64)
+  for i in picks:
+    record = tf.io.parse_single_example(source[int(i)], {"image": tf.io.FixedLenFeature([], tf.string)})
+    pixels = tf.io.decode_jpeg(record["image"], channels=3).numpy().astype(np.float64)
+    total += pixels
+    flat = pixels.reshape(-1, 3) / 255.0
+    moment += flat.T @ flat / flat.shape[0]
+  mean_image = total / len(picks)
+  mean_rgb = mean_image.reshape(-1, 3).mean(0) / 255.0
+  cov = moment / len(picks) - np.outer(mean_rgb, mean_rgb)
+  eigval, eigvec = np.linalg.eigh(cov)
+  order = np.argsort(eigval)[::-1]
+  return {"mean_image": mean_image.astype(np.float32), "eigval": eigval[order].astype(np.float32),
+          "eigvec": eigvec[:, order].astype(np.float32), "num_images": np.int64(len(picks))}
+
+
+def prepare(manual_dir: str, data_dir: str, stats_images: int = 10_000, quality: int = 90,
+            workers: int | None = None) -> dict:
+  """Writes data_dir/{train,val}/*.array_record, dataset_info.json and stats.npz; returns the info."""
+  if not os.path.isdir(manual_dir):
+    raise UserInputError(f"manual_dir {manual_dir!r} does not exist: download {TRAIN_TAR} and {VAL_TAR} "
+                         "from image-net.org into it, or point it at a folder with train/ and val/ class folders")
+  have = [t for t in (TRAIN_TAR, VAL_TAR) if os.path.exists(os.path.join(manual_dir, t))]
+  archives = bool(have)
+  if archives and len(have) < 2:
+    missing = ({TRAIN_TAR, VAL_TAR} - set(have)).pop()
+    raise UserInputError(f"{os.path.join(manual_dir, missing)} is missing: download it from image-net.org")
+  if not archives and not os.path.isdir(os.path.join(manual_dir, "train")):
+    raise UserInputError(f"{manual_dir} holds neither {TRAIN_TAR} + {VAL_TAR} nor train/ and val/ class folders")
+  os.makedirs(data_dir, exist_ok=True)
+  need, free = _input_bytes(manual_dir, archives) // 3, shutil.disk_usage(data_dir).free
+  if free < need:
+    raise UserInputError(f"{data_dir} has {free / 2**30:.1f} GiB free; the shards need about {need / 2**30:.1f} GiB: "
+                         "free some space or choose another --data_dir")
+  try:
+    train_jobs, val_jobs, classes = (_archive_jobs if archives else _folder_jobs)(manual_dir)
+  except tarfile.TarError as e:
+    raise UserInputError(f"cannot read the archives in {manual_dir}: {e}") from None
+
+  skipped: list[str] = []
+  jobs = [("train", n, f) for n, f in train_jobs] + [("val", n, f) for n, f in val_jobs]
+  start = time.time()
+  spawn = multiprocessing.get_context("spawn")  # fork is unsafe once JAX or TensorFlow threads exist
+  with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), mp_context=spawn) as pool:
+    for k, (split, name, items) in enumerate(jobs):
+      path = os.path.join(data_dir, split, name + _EXT)
+      if os.path.exists(path):
+        continue  # finished by an earlier run
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      written, bad = write_shard(path, items(), pool, quality)
+      skipped += bad
+      with open(os.path.join(data_dir, "skipped.txt"), "a") as f:
+        f.writelines(line + "\n" for line in bad)
+      eta = (time.time() - start) / (k + 1) * (len(jobs) - k - 1)
+      logging.info("%s shard %s: %d images, %d skipped (%d/%d shards, ETA %.0f s)", split, name, written, len(bad),
+                   k + 1, len(jobs), eta)
+
+  files = {s: sorted(os.path.join(data_dir, s, f) for f in os.listdir(os.path.join(data_dir, s)) if f.endswith(_EXT))
+           for s in ("train", "val")}
+  info = {"source": "imagenet2012" if archives else os.path.abspath(manual_dir), "image_side": SIDE,
+          "classes": classes, "num_classes": len(classes),
+          "splits": {s: {"files": [os.path.basename(p) for p in fs], "num_images": sum(num_records(p) for p in fs)}
+                     for s, fs in files.items()}}
+  with open(os.path.join(data_dir, INFO_FILE), "w") as f:
+    json.dump(info, f, indent=1)
+  stats_path = os.path.join(data_dir, STATS_FILE)
+  if not os.path.exists(stats_path) and stats_images > 0:
+    np.savez(stats_path + ".tmp.npz", **compute_stats(files["train"], stats_images))
+    os.replace(stats_path + ".tmp.npz", stats_path)
+  logging.info("prepared %s: %d train, %d val images", data_dir, info["splits"]["train"]["num_images"],
+               info["splits"]["val"]["num_images"])
+  return info
+
+
+_MANUAL = flags.DEFINE_string("manual_dir", None, "The two ImageNet archives, or train/ and val/ class folders.")
+_DATA = flags.DEFINE_string("data_dir", None, "Where the shards go (then --config.data_dir=THIS).")
+_STATS = flags.DEFINE_integer("stats_images", 10_000, "Training images sampled for the mean image and colour PCA.")
+_QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality of the re-encoded 256x256 images.")
+_WORKERS = flags.DEFINE_integer("workers", None, "Encoding processes (default: one per CPU).")
+
+
+def main(argv):
+  del argv
+  if not _MANUAL.value or not _DATA.value:
+    sys.exit("error: pass --manual_dir=DIR (the archives or class folders) and --data_dir=OUT")
+  try:
+    prepare(_MANUAL.value, _DATA.value, _STATS.value, _QUALITY.value, _WORKERS.value)
+  except UserInputError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

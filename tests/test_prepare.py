@@ -1,0 +1,162 @@
+"""prepare on a tiny pair of archives in the official layout, then train and evaluate on it."""
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_jax import input_pipeline, prepare, train
+from alexnet_jax.errors import UserInputError
+from configs import default
+
+VAL_COUNT = 6
+
+
+def jpeg(seed, size=(300, 200), mode="RGB", fmt="JPEG"):
+  rng = np.random.default_rng(seed)
+  image = Image.fromarray(rng.integers(0, 255, (size[1] // 10, size[0] // 10, 3), dtype=np.uint8)).resize(size)
+  buf = io.BytesIO()
+  image.convert(mode).save(buf, fmt, quality=90)
+  return buf.getvalue()
+
+
+def add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def make_archives(root, corrupt=True):
+  """The official layout: a train tar of <wnid>.tar archives, a flat val tar; real wnids."""
+  val_wnids = prepare.imagenet_val_labels()[:VAL_COUNT]
+  classes = sorted(set(val_wnids))
+  os.makedirs(root, exist_ok=True)
+  with tarfile.open(os.path.join(root, prepare.TRAIN_TAR), "w") as outer:
+    for k, wnid in enumerate(classes):
+      inner_bytes = io.BytesIO()
+      with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+        for i in range(3):
+          add(inner, f"{wnid}_{i}.JPEG", jpeg(10 * k + i, size=(320 + 10 * i, 260)))
+        if k == 0:
+          add(inner, f"{wnid}_cmyk.JPEG", jpeg(99, mode="CMYK"))  # as n02105855_2933.JPEG in the real archive
+          add(inner, f"{wnid}_png.JPEG", jpeg(98, fmt="PNG"))  # as n02105855_2933.JPEG's PNG cousin
+          if corrupt:
+            add(inner, f"{wnid}_broken.JPEG", jpeg(97)[:300])  # truncated
+      add(outer, f"{wnid}.tar", inner_bytes.getvalue())
+  with tarfile.open(os.path.join(root, prepare.VAL_TAR), "w") as val:
+    for i in range(VAL_COUNT):
+      add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(1000 + i, size=(280, 300)))
+  return classes
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("imagenet")
+  classes = make_archives(str(root / "manual"))
+  info = prepare.prepare(str(root / "manual"), str(root / "out"), stats_images=20, workers=2)
+  return str(root / "manual"), str(root / "out"), classes, info
+
+
+def test_prepare_writes_256_shards_labels_and_statistics(prepared):
+  _, out, classes, info = prepared
+  assert info["num_classes"] == 1000 and info["image_side"] == 256
+  n_train = 3 * len(classes) + 2  # the truncated image is skipped
+  assert info["splits"]["train"]["num_images"] == n_train and info["splits"]["val"]["num_images"] == VAL_COUNT
+  assert len(info["splits"]["train"]["files"]) == len(classes)
+  skipped = open(os.path.join(out, "skipped.txt")).read()
+  assert "_broken.JPEG" in skipped and skipped.count("\n") == 1
+  train_split, val_split = input_pipeline.read_prepared(out)
+  stats = input_pipeline.load_stats(out, 256, (0, 0, 0))
+  assert stats.mean_image.shape == (256, 256, 3) and 0 < stats.mean_image.mean() < 255
+  assert stats.eigval[0] >= stats.eigval[1] >= stats.eigval[2] > 0
+  np.testing.assert_allclose(stats.eigvec.T @ stats.eigvec, np.eye(3), atol=1e-5)
+  # Every stored image is a 256x256 RGB JPEG with its class's label; val labels follow the real list.
+  val = list(input_pipeline.eval_batches(val_split, batch_size=VAL_COUNT, image_size=256, resize_size=256))[0]
+  wnids = prepare.imagenet_val_labels()[:VAL_COUNT]
+  assert [train_split.classes[l] for l in val["label"]] == wnids
+  assert val["image"].shape == (VAL_COUNT, 256, 256, 3)
+
+
+def test_rerun_skips_finished_shards_and_redoes_missing_ones(prepared):
+  manual, out, _, _ = prepared
+  shards = sorted(os.path.join(out, "train", f) for f in os.listdir(os.path.join(out, "train")))
+  for path in shards:
+    os.utime(path, (0, 0))
+  os.remove(shards[-1])
+  prepare.prepare(manual, out, stats_images=20, workers=2)
+  assert all(os.path.getmtime(p) == 0 for p in shards[:-1])
+  assert os.path.exists(shards[-1]) and os.path.getmtime(shards[-1]) > 0
+
+
+def test_train_and_evaluate_on_prepared_data(prepared, tmp_path):
+  _, out, _, _ = prepared
+  config = default.get_config()
+  config.data_dir, config.image_size, config.batch_size = out, 67, 8
+  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps, config.log_every_steps = 2, 2, 2, 1
+  workdir = str(tmp_path / "run")
+  ten = train.train_and_evaluate(config, workdir)  # default.py: ten-patch evaluation
+  assert 0 <= ten["val/top1_error"] <= 1 and 0 <= ten["val/top5_error"] <= ten["val/top1_error"]
+  config.eval_crops = 1
+  one = train.evaluate_checkpoint(config, workdir)
+  assert set(one) == set(ten) and one["val/loss"] != ten["val/loss"]
+  config.eval_crops = 10
+  assert train.evaluate_checkpoint(config, workdir, step=2)["val/loss"] == pytest.approx(ten["val/loss"], rel=1e-5)
+  with pytest.raises(UserInputError, match="no checkpoint 7"):
+    train.evaluate_checkpoint(config, workdir, step=7)
+
+
+def test_bad_archives_are_named(tmp_path):
+  with pytest.raises(UserInputError, match="does not exist"):
+    prepare.prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+  only_train = tmp_path / "one"
+  make_archives(str(only_train))
+  os.remove(only_train / prepare.VAL_TAR)
+  with pytest.raises(UserInputError, match="ILSVRC2012_img_val.tar is missing"):
+    prepare.prepare(str(only_train), str(tmp_path / "out"))
+  flat = tmp_path / "flat"
+  os.makedirs(flat)
+  for name in (prepare.TRAIN_TAR, prepare.VAL_TAR):
+    with tarfile.open(flat / name, "w") as tar:
+      add(tar, "n01440764_1.JPEG", jpeg(0))
+  with pytest.raises(UserInputError, match="official layout"):
+    prepare.prepare(str(flat), str(tmp_path / "out"))
+
+
+def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch):
+  make_archives(str(tmp_path / "m"), corrupt=False)
+  monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
+  with pytest.raises(UserInputError, match="GiB free"):
+    prepare.prepare(str(tmp_path / "m"), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out" / "train")
+
+
+def test_an_image_folder_tree_prepares_the_same_way(tmp_path):
+  for split, count in (("train", 3), ("val", 1)):
+    for c in ("cat", "dog"):
+      os.makedirs(tmp_path / "tree" / split / c)
+      for i in range(count):
+        (tmp_path / "tree" / split / c / f"{i}.jpg").write_bytes(jpeg(i + len(c)))
+  info = prepare.prepare(str(tmp_path / "tree"), str(tmp_path / "out"), stats_images=4, workers=1)
+  assert info["classes"] == ["cat", "dog"] and info["splits"]["train"]["num_images"] == 6
+  assert info["splits"]["val"]["num_images"] == 2
+
+
+def test_processes_read_disjoint_equal_shares_covering_the_split(prepared):
+  _, out, _, info = prepared
+  train_split, _ = input_pipeline.read_prepared(out)
+  stats = input_pipeline.load_stats(out, 256, (0, 0, 0))
+  n = info["splits"]["train"]["num_images"]
+  share = n // 2
+
+  def epoch_images(process_index):
+    it = input_pipeline.train_batches(train_split, batch_size=share, image_size=256, resize_size=256, stats=stats,
+                                      seed=4, process_index=process_index, process_count=2)
+    return {hash(img.tobytes()) for img in next(it)["image"]}
+
+  first, second = epoch_images(0), epoch_images(1)
+  assert len(first) == len(second) == share and not first & second
+  one = input_pipeline.train_batches(train_split, batch_size=n, image_size=256, resize_size=256, stats=stats, seed=4)
+  assert first | second <= {hash(img.tobytes()) for img in next(one)["image"]}
