@@ -21,7 +21,7 @@ from alexnet_jax.errors import UserInputError
 BEST_METRIC = "val/top1_error"
 CONFIG_FILE = "config.json"
 # Settings a resumed run must share with the run that wrote the checkpoint.
-_MUST_MATCH = ("model", "num_classes", "image_size")
+_MUST_MATCH = ("model", "num_classes", "image_size", "batch_size", "dataset")
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:

@@ -22,6 +22,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   """Raises UserInputError naming the bad value and the fix."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
+  if config.num_devices:
+    if not 0 < config.num_devices <= num_devices or process_count > 1:
+      raise UserInputError(f"num_devices={config.num_devices}: use 0 (all) or 1..{num_devices}, on one process only")
+    num_devices = config.num_devices
 
   def bad(message):
     raise UserInputError(message)

@@ -139,8 +139,8 @@ def extract(restored: Restored, images: input_pipeline.Split | input_pipeline.Sh
 def extract_folder(restored: Restored, workdir: str, folder: str, output: str, batch_size: int = 128) -> Report:
   """Features of every readable image under folder; unreadable ones are reported and skipped.
 
-  The mean subtracted is the run's (its data's statistics when they are here, else
-  config.channel_mean); class names are the run's when its data is here.
+  The mean subtracted is the one the run trained with (saved in its workdir); class names
+  are the run's when its data is here.
   """
   paths = find_images(folder)
   ok = readable(paths, restored.config.num_parallel_calls)
@@ -150,7 +150,7 @@ def extract_folder(restored: Restored, workdir: str, folder: str, output: str, b
   if not ok.any():
     raise UserInputError(f"none of the {len(paths)} images in {folder} could be read as JPEG or PNG")
   data = run_data(restored.config, workdir)
-  stats = data[2] if data else input_pipeline.load_stats("", restored.config.resize_size, restored.config.channel_mean)
+  stats = input_pipeline.load_stats(workdir, restored.config.resize_size, restored.config.channel_mean)
   kept = [p for p, good in zip(paths, ok) if good]
   images = input_pipeline.Split(tuple(kept), np.full(len(kept), -1, np.int32), data[0].classes if data else ())
   return Report(extract(restored, images, stats, output, batch_size), skipped)

@@ -163,6 +163,14 @@ def load_stats(data_dir: str, side: int, channel_mean: Sequence[float], per_pixe
   return Stats(np.asarray(mean_image, np.float32), np.asarray(eigval, np.float32), np.asarray(eigvec, np.float32))
 
 
+def save_stats(directory: str, stats: Stats) -> None:
+  """Writes stats where `load_stats(directory, ...)` finds them (a run keeps the statistics it
+  trained with beside its checkpoints, so its features can be extracted away from its data)."""
+  tmp = os.path.join(directory, SHARD_STATS + ".tmp.npz")
+  np.savez(tmp, mean_image=stats.mean_image, eigval=stats.eigval, eigvec=stats.eigvec)
+  os.replace(tmp, os.path.join(directory, SHARD_STATS))
+
+
 def _side(split: Split | Shards, resize_size: int) -> int:
   return split.side if isinstance(split, Shards) else resize_size
 
@@ -254,15 +262,36 @@ def train_batches(split: Split | Shards, *, batch_size: int, image_size: int, re
     pick = lambda a: tf.gather(a, mine)
     return tf.data.Dataset.from_tensor_slices((pick(perm), pick(tf.stack([y, x], 1)), pick(flip), pick(colour)))
 
-  def load(index, offset, flip, colour):
+  def load(ordinal, drawn):
+    index, offset, flip, colour = drawn
     crop, label = window(index, offset[0], offset[1], image_size)
-    return {"image": crop, "label": label, "offset": offset, "flip": flip, "colour": colour}
+    return {"image": crop, "label": label, "offset": offset, "flip": flip, "colour": colour, "ordinal": ordinal}
 
   per_epoch = steps * batch_size
   first = start_step * batch_size
-  ds = tf.data.Dataset.range(first // per_epoch, 1 << 40).flat_map(epoch).skip(first % per_epoch)
-  ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
-  return ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator()
+  ds = tf.data.Dataset.range(first // per_epoch, 1 << 40).flat_map(epoch).skip(first % per_epoch).enumerate(first)
+  ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True).ignore_errors(log_warning=True)
+  return SkipCounter(ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator(), first)
+
+
+class SkipCounter:
+  """Training batches without their stream 'ordinal', counting in `skipped` the images that
+  tf.data dropped because they could not be read (the gaps in the ordinals).
+
+  Resuming is exact up to such drops: prepared shards never hold an unreadable image."""
+
+  def __init__(self, batches: Iterator[dict], first: int):
+    self._batches, self._next, self.skipped = batches, first, 0
+
+  def __iter__(self) -> "SkipCounter":
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._batches)
+    ordinal = batch.pop("ordinal")
+    self.skipped += int(ordinal[-1]) + 1 - self._next - len(ordinal)
+    self._next = int(ordinal[-1]) + 1
+    return batch
 
 
 def eval_windows(side: int, size: int, crops: int) -> list[tuple[int, int, bool]]:

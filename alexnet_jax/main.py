@@ -1,7 +1,9 @@
 """python -m alexnet_jax.main --config=configs/default.py --workdir=DIR [--mode=eval] [--config.KEY=VALUE ...]"""
 
 import os
+import socket
 import sys
+import time
 
 import logging
 
@@ -19,6 +21,20 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_CO
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
                                       "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)), "This process's index.")
+_TIMEOUT = flags.DEFINE_integer("coordinator_timeout", 300, "Seconds to wait for all processes to join.")
+
+
+def _reachable(address: str, timeout: float) -> bool:
+  """Whether something listens at host:port within `timeout` seconds."""
+  host, port = address.rsplit(":", 1)
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    try:
+      socket.create_connection((host, int(port)), timeout=1).close()
+      return True
+    except OSError:
+      time.sleep(0.5)
+  return False
 
 
 def _start_distributed() -> None:
@@ -26,8 +42,12 @@ def _start_distributed() -> None:
   import jax
   if _COORDINATOR.value and _NUM_PROCESSES.value > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only the CPU backend reads it
+    if _PROCESS_ID.value != 0 and not _reachable(_COORDINATOR.value, _TIMEOUT.value):
+      # The runtime would abort the process with pages of gRPC detail instead.
+      sys.exit(f"error: process {_PROCESS_ID.value} of {_NUM_PROCESSES.value} could not join the coordinator at "
+               f"{_COORDINATOR.value} within {_TIMEOUT.value} s: start process 0 first, and check the address and port")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+                               process_id=_PROCESS_ID.value, initialization_timeout=_TIMEOUT.value)
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()  # JAX finds its peers by itself
 

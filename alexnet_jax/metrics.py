@@ -55,6 +55,18 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_after(workdir: str, step: int) -> None:
+  """Drops the records past `step`: what a killed run logged after its last checkpoint, so
+  that a resumed run's metrics.jsonl reads as if it had never been interrupted."""
+  records = read_metrics(workdir)
+  kept = [r for r in records if r["step"] <= step]
+  if len(kept) < len(records):
+    tmp = os.path.join(workdir, "metrics.jsonl.tmp")
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, os.path.join(workdir, "metrics.jsonl"))
+
+
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rest = divmod(seconds, 3600)

@@ -20,7 +20,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax import augment, checkpoints, input_pipeline, metrics, optim, pretrained, sharding, synthetic
+from alexnet_jax import (augment, checkpoints, input_pipeline, metrics, optim, preemption, pretrained, sharding,
+                         synthetic)
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import AlexNet
@@ -90,8 +91,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
 
 
-def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int):
-  """One SGD step; dropout's randomness is a function of (seed, step) only."""
+def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int, skip_nonfinite: bool = False):
+  """One SGD step; dropout's randomness is a function of (seed, step) only.
+
+  'finite' in the metrics says whether the loss and every gradient were finite; with
+  `skip_nonfinite` such a step leaves the parameters and optimizer state as they were.
+  """
   def train_step(state: TrainState, batch: dict, mean_image: jax.Array) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     images = augment.normalize(batch, mean_image)
@@ -101,11 +106,16 @@ def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int)
       return jnp.mean(cross_entropy(logits, batch["label"])), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    if skip_nonfinite:
+      keep = lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf)
+      new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
     return new, {"train/loss": loss,
                  "train/top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
-                 "learning_rate": opt_state.hyperparams["learning_rate"]}
+                 "learning_rate": opt_state.hyperparams["learning_rate"], "finite": finite}
   return train_step
 
 
@@ -240,7 +250,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Job:
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     checkpoints.check_resumable(workdir, config)
   train_split, val_split, stats = load_splits(config, workdir)
-  mesh = sharding.make_mesh(config.model_parallelism)
+  mesh = sharding.make_mesh(config.model_parallelism, jax.devices()[:config.num_devices] or None)
   model = create_model(config, mesh)
   steps_per_epoch = len(train_split) // config.batch_size
   total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
@@ -275,10 +285,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
   return result
 
 
+class NonFiniteLoss(UserInputError):
+  """The loss or a gradient became NaN or Inf: the run stops before saving the broken state."""
+
+
+def _first_nonfinite(records: list[dict], first_step: int) -> int | None:
+  for i, record in enumerate(records):
+    if not record["finite"]:
+      return first_step + i
+  return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in workdir if any) and evaluates.
 
-  Returns the last evaluation's metrics.
+  Returns the last evaluation's metrics. SIGTERM or SIGINT saves a checkpoint at the
+  current step and returns; rerunning the same command continues bit-identically.
   """
   job = _setup(config, workdir)
   lead = jax.process_index() == 0
@@ -288,44 +310,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
   elif config.init_from:
     state = state.replace(params=pretrained.init_params(config, state.params))
+  start = int(state.step)
   if lead:
     checkpoints.save_config(job.workdir, config)
+    input_pipeline.save_stats(job.workdir, job.stats)
+    metrics.truncate_after(job.workdir, start)  # lines a killed run wrote past its last checkpoint
 
-  train_step = jax.jit(make_train_step(job.model, job.tx, config.seed), donate_argnums=0,
-                       in_shardings=(job.state_shardings, job.batch_sharding, job.replicated),
+  train_step = jax.jit(make_train_step(job.model, job.tx, config.seed, config.skip_nonfinite_steps),
+                       donate_argnums=0, in_shardings=(job.state_shardings, job.batch_sharding, job.replicated),
                        out_shardings=(job.state_shardings, job.replicated))
-  start = int(state.step)
   writer = metrics.MetricWriter(job.workdir, enabled=lead)
   progress = metrics.Progress(total_steps, start, enabled=lead)
-  batches = prefetch_to_device(input_pipeline.train_batches(
-      job.train_split, stats=job.stats, seed=config.seed, pca_std=config.pca_noise_std, start_step=start,
-      **job.data_args),
-      job.batch_sharding)
+  stream = input_pipeline.train_batches(job.train_split, stats=job.stats, seed=config.seed,
+                                        pca_std=config.pca_noise_std, start_step=start, **job.data_args)
+  batches = prefetch_to_device(stream, job.batch_sharding)
   logging.info("training %s for %d steps (%d per epoch) on a %s mesh, from step %d", config.model.variant,
                total_steps, job.steps_per_epoch, dict(job.mesh.shape), start)
-  pending, last_eval = [], {}
-  for step in range(start + 1, total_steps + 1):
-    state, step_metrics = train_step(state, next(batches), job.mean_image)
-    pending.append(step_metrics)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-      summary["images_per_sec"] = progress.images_per_sec(step, config.batch_size)
-      writer.write(step, summary)
-      progress.log(step, summary)
-      pending = []
-    evaluated = step % config.eval_every_steps == 0 or step == total_steps
-    if evaluated:
-      last_eval = job.evaluate(state.params)
-      writer.write(step, last_eval)
-      _log_eval(step, last_eval)
-      if config.lr_schedule == "plateau":
-        state = _apply_plateau(state, last_eval["val/top1_error"], config)
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
-      checkpoints.save(mgr, step, state, metrics={checkpoints.BEST_METRIC: last_eval["val/top1_error"]}
-                       if evaluated else None)
-  if start >= total_steps:  # already trained: report the checkpoint's quality
-    last_eval = job.evaluate(state.params)
-  mgr.wait_until_finished()
-  mgr.close()
-  writer.close()
+  pending, last_eval, skipped_steps = [], {}, 0
+
+  def check(records: list[dict], first_step: int) -> int:
+    """Raises on a non-finite step (unless skipping them); returns how many were skipped."""
+    bad = _first_nonfinite(records, first_step)
+    if bad is not None and not config.skip_nonfinite_steps:
+      raise NonFiniteLoss(f"the loss or a gradient became NaN/Inf at step {bad}; no checkpoint of that state was "
+                          f"written (the last good one is in {mgr.directory}): lower --config.learning_rate, or "
+                          "set --config.skip_nonfinite_steps=True to skip such steps")
+    return sum(not r["finite"] for r in records)
+
+  with preemption.Watcher() as watcher:
+    try:
+      for step in range(start + 1, total_steps + 1):
+        state, step_metrics = train_step(state, next(batches), job.mean_image)
+        pending.append(step_metrics)
+        log_now = step % config.log_every_steps == 0 or step == total_steps
+        stop = watcher.requested(step, config.log_every_steps)
+        save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or stop
+        if log_now or save_now:
+          records = jax.device_get(pending)
+          skipped_steps += check(records, step - len(records) + 1)
+        if log_now:
+          summary = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"}
+          summary["images_per_sec"] = progress.images_per_sec(step, config.batch_size)
+          summary["train/skipped_images"] = stream.skipped
+          if config.skip_nonfinite_steps:
+            summary["train/skipped_steps"] = skipped_steps
+          writer.write(step, summary)
+          progress.log(step, summary)
+        if log_now or save_now:
+          pending = []
+        evaluated = (step % config.eval_every_steps == 0 or step == total_steps) and not stop
+        if evaluated:
+          last_eval = job.evaluate(state.params)
+          writer.write(step, last_eval)
+          _log_eval(step, last_eval)
+          if config.lr_schedule == "plateau":
+            state = _apply_plateau(state, last_eval["val/top1_error"], config)
+        if save_now:
+          checkpoints.save(mgr, step, state, metrics={checkpoints.BEST_METRIC: last_eval["val/top1_error"]}
+                           if evaluated else None)
+        if stop:
+          logging.warning("%s received: saved a checkpoint at step %d; rerun the same command to continue",
+                          watcher.signal_name, step)
+          break
+      if start >= total_steps:  # already trained: report the checkpoint's quality
+        last_eval = job.evaluate(state.params)
+    finally:
+      mgr.wait_until_finished()
+      mgr.close()
+      writer.close()
   return last_eval

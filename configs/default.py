@@ -56,5 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 5000
+  config.skip_nonfinite_steps = False  # False: a NaN/Inf loss stops the run; True: skip such steps, count them
+  config.num_devices = 0  # 0: every device of every host; N: the first N (e.g. to restore elsewhere)
   config.keep_checkpoints = 3  # the latest few; the best by val top-1 error is kept too
   return config

@@ -1,0 +1,50 @@
+"""SIGTERM/SIGINT become a request to checkpoint and stop, agreed on by every process.
+
+One process alone stops at the next step. With several, the processes compare their
+flags at the steps where they synchronise anyway (the metric logs), so all of them save
+the same step; a cluster's preemption notice (SIGTERM to every process) is honoured
+within `log_every_steps` steps.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+import numpy as np
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Watcher:
+  """A context manager that catches the signals while training and restores the old handlers."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._old: dict = {}
+
+  def _catch(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __enter__(self) -> "Watcher":
+    if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+      self._old = {s: signal.signal(s, self._catch) for s in _SIGNALS}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._old.items():
+      signal.signal(s, handler)
+
+  def requested(self, step: int, every: int) -> bool:
+    """Whether to checkpoint and stop after `step` (the same answer on every process)."""
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
+    if flags.max() and self.signal_name is None:
+      self.signal_name = "another process's preemption signal"
+    return bool(flags.max())
