@@ -11,7 +11,7 @@ import ml_collections
 from alexnet_jax import optim
 from alexnet_jax.convert import SUFFIXES
 from alexnet_jax.errors import UserInputError
-from alexnet_jax.models import make_arch, feature_sides, ACTIVATIONS, LRN_SCOPES
+from alexnet_jax.models import make_arch, feature_sides, ACTIVATIONS, LRN_SCOPES, OPS_IMPLS
 
 DATASETS = ("synthetic", "image_folder", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
@@ -49,6 +49,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     bad(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   if m.lrn_scope not in LRN_SCOPES:
     bad(f"unknown model.lrn_scope {m.lrn_scope!r}; choose one of {LRN_SCOPES}")
+  if config.ops_impl not in OPS_IMPLS:
+    bad(f"unknown ops_impl {config.ops_impl!r}; set --config.ops_impl to one of {tuple(OPS_IMPLS)}")
   if config.model_parallelism not in (1, 2):
     bad(f"model_parallelism={config.model_parallelism}; it must be 1 (towers together) or 2 (one tower per device)")
   if arch.towers % config.model_parallelism:

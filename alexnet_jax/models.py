@@ -31,6 +31,10 @@ _POOLED = ("conv1", "conv2", "conv5")
 _LRN_LAYERS = ("conv1", "conv2")
 VARIANTS = ("paper", "torchvision")
 LRN_SCOPES = ("tower", "all")
+# (max pooling, LRN) of each `ops_impl`: "fast" has hand-written gradients (1.2x on the CPU
+# train step, benchmarks/RESULTS.md); "plain" is XLA's reduce_window pooling and JAX's own
+# gradients, the reference the fast ops are tested against.
+OPS_IMPLS = {"fast": (ops.max_pool, ops.lrn), "plain": (ops.max_pool_reduce_window, ops.lrn_autodiff)}
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
@@ -114,7 +118,8 @@ def merge_towers(a: jax.Array) -> jax.Array:
 
 def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: Callable,
                   lrn_args: dict, pool: tuple[int, int], dtype: Any, keep_rate: float,
-                  axis: str | None, capture: bool, lrn_scope: str = "tower") -> tuple[jax.Array, dict]:
+                  axis: str | None, capture: bool, lrn_scope: str = "tower",
+                  max_pool: Callable = ops.max_pool, lrn: Callable = ops.lrn) -> tuple[jax.Array, dict]:
   """The towers of the net on this device, up to fc7.
 
   `params` leaves carry a leading axis of the towers held here; `axis` names the mesh axis
@@ -134,8 +139,8 @@ def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: C
 
   def normalise(hs):
     if lrn_scope == "tower":
-      return [ops.lrn(h, **lrn_args) for h in hs]
-    whole = ops.lrn(gather(hs), **lrn_args)  # every tower's maps; then each keeps its own slice
+      return [lrn(h, **lrn_args) for h in hs]
+    whole = lrn(gather(hs), **lrn_args)  # every tower's maps; then each keeps its own slice
     width = hs[0].shape[-1]
     first = 0 if axis is None else jax.lax.axis_index(axis) * n_local
     return [jax.lax.dynamic_slice_in_dim(whole, (first + t) * width, width, axis=-1) for t in range(n_local)]
@@ -162,7 +167,7 @@ def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: C
       if arch.lrn and name in _LRN_LAYERS:
         hs = normalise(hs)
       if name in _POOLED:
-        hs = [ops.max_pool(h, *pool) for h in hs]
+        hs = [max_pool(h, *pool) for h in hs]
   with jax.named_scope("pool5"):
     if arch.adaptive_pool:
       hs = [ops.adaptive_avg_pool(h, arch.adaptive_pool) for h in hs]
@@ -173,7 +178,9 @@ def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: C
       if name in arch.cross_tower:
         hs = [gather(hs)] * n_local
       kern, bias = params[name]["kernel"].astype(dtype), params[name]["bias"].astype(dtype)
-      hs = [act(h @ kern[t] + bias[t]) for t, h in enumerate(hs)]
+      # One product batched over the local towers: slicing out kern[t] would copy each
+      # tower's kernel (fc6's is 75 MB) in the forward pass and again in the backward pass.
+      hs = list(act(jnp.einsum("tbi,tio->tbo", jnp.stack(hs), kern) + bias[:, None]))
       record(name, hs)
       hs = dropout(name, hs)
   return jnp.concatenate(hs, axis=-1), feats
@@ -222,6 +229,7 @@ class AlexNet(nn.Module):
   lrn_beta: float = 0.75
   lrn_scope: str = "tower"  # "tower": within each tower (the paper) | "all": across all maps (Caffe)
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+  ops_impl: str = "fast"  # "fast" or "plain": see OPS_IMPLS
 
   def __post_init__(self):
     make_arch(self.variant, self.towers, self.lrn)
@@ -231,6 +239,8 @@ class AlexNet(nn.Module):
       raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
     if self.lrn_scope not in LRN_SCOPES:
       raise ValueError(f"unknown lrn_scope {self.lrn_scope!r}; choose one of {LRN_SCOPES}")
+    if self.ops_impl not in OPS_IMPLS:
+      raise ValueError(f"unknown ops_impl {self.ops_impl!r}; choose one of {tuple(OPS_IMPLS)}")
     if self.mesh is not None:
       self._check_mesh()
     super().__post_init__()
@@ -295,7 +305,8 @@ class AlexNet(nn.Module):
     fn = functools.partial(
         tower_forward, arch=arch, act=ACTIVATIONS[self.activation], pool=pool, dtype=self.dtype,
         lrn_args=dict(k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha, beta=self.lrn_beta),
-        keep_rate=1.0 - self.dropout_rate, capture=capture, lrn_scope=self.lrn_scope)
+        keep_rate=1.0 - self.dropout_rate, capture=capture, lrn_scope=self.lrn_scope,
+        max_pool=OPS_IMPLS[self.ops_impl][0], lrn=OPS_IMPLS[self.ops_impl][1])
     if self.mesh is None:
       fc7, feats = fn(params, images, masks, axis=None)
     else:

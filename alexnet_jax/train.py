@@ -11,7 +11,6 @@ import functools
 import os
 from typing import Any, Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,19 +19,11 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax import (augment, checkpoints, input_pipeline, metrics, optim, preemption, pretrained, sharding,
-                         synthetic)
+from alexnet_jax import backend, checkpoints, input_pipeline, metrics, optim, preemption, pretrained, sharding, synthetic
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import AlexNet
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  plateau: dict  # the plateau schedule's memory: best val error, evaluations since, drops
+from alexnet_jax.steps import TrainState, make_eval_step, make_train_step
 
 
 def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> AlexNet:
@@ -41,7 +32,8 @@ def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
                  towers=m.towers if m.variant == "paper" else None, activation=m.activation, lrn=m.lrn,
                  overlapping_pool=m.overlapping_pool, dropout_rate=m.dropout_rate, init_std=m.init_std,
                  bias_one=m.bias_one, lrn_scope=m.lrn_scope, lrn_k=m.lrn_k, lrn_n=m.lrn_n, lrn_alpha=m.lrn_alpha,
-                 lrn_beta=m.lrn_beta, dtype=jnp.dtype(config.dtype))
+                 lrn_beta=m.lrn_beta, dtype=jnp.dtype(config.dtype),
+                 ops_impl=config.get("ops_impl", "fast"))  # workdirs from before ops_impl
 
 
 def load_splits(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, input_pipeline.Stats]:
@@ -85,60 +77,6 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-
-
-def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int, skip_nonfinite: bool = False):
-  """One SGD step; dropout's randomness is a function of (seed, step) only.
-
-  'finite' in the metrics says whether the loss and every gradient were finite; with
-  `skip_nonfinite` such a step leaves the parameters and optimizer state as they were.
-  """
-  def train_step(state: TrainState, batch: dict, mean_image: jax.Array) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    images = augment.normalize(batch, mean_image)
-
-    def loss_fn(params):
-      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-      return jnp.mean(cross_entropy(logits, batch["label"])), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    if skip_nonfinite:
-      keep = lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf)
-      new = new.replace(params=jax.tree.map(keep, new.params, state.params),
-                        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
-    return new, {"train/loss": loss,
-                 "train/top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
-                 "learning_rate": opt_state.hyperparams["learning_rate"], "finite": finite}
-  return train_step
-
-
-def make_eval_step(model: AlexNet):
-  """Sums over a padded batch: loss, top-1 and top-5 mistakes and the count of real images.
-
-  Images of shape (batch, crops, H, W, 3) are the paper's ten patches: their softmax
-  outputs are averaged (log of the mean, computed stably).
-  """
-  def eval_step(params: Any, batch: dict, mean_image: jax.Array) -> dict:
-    images = augment.normalize(batch, mean_image)
-    crops = images.shape[1] if images.ndim == 5 else 1
-    logits = model.apply({"params": params}, images.reshape((-1,) + images.shape[-3:]))
-    log_probs = jax.nn.log_softmax(logits).reshape(images.shape[0], crops, -1)
-    log_probs = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(crops)
-    mask, labels = batch["mask"], batch["label"]
-    top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
-    in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
-    return {"loss": jnp.sum(cross_entropy(log_probs, labels) * mask),
-            "top1_wrong": jnp.sum((jnp.argmax(log_probs, -1) != labels) * mask),
-            "top5_wrong": jnp.sum((~in_top5) * mask),
-            "count": jnp.sum(mask)}
-  return eval_step
 
 
 def to_global(batch: dict, batch_sharding: NamedSharding) -> dict:
@@ -227,7 +165,8 @@ class _Job:
   @functools.cached_property
   def eval_step(self):
     return jax.jit(make_eval_step(self.model), out_shardings=self.replicated,
-                   in_shardings=(self.state_shardings.params, self.batch_sharding, self.replicated))
+                   in_shardings=(self.state_shardings.params, self.batch_sharding, self.replicated),
+                   compiler_options=backend.compiler_options())
 
   def evaluate(self, params: Any) -> dict:
     """Loss, top-1 and top-5 error over the whole validation split (config.eval_crops patches)."""
@@ -245,6 +184,10 @@ class _Job:
 
 def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Job:
   check_config(config)
+  try:
+    backend.check_dtype(config.dtype)
+  except ValueError as e:
+    raise UserInputError(f"--config.dtype={config.dtype}: {e}") from e
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -318,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step = jax.jit(make_train_step(job.model, job.tx, config.seed, config.skip_nonfinite_steps),
                        donate_argnums=0, in_shardings=(job.state_shardings, job.batch_sharding, job.replicated),
-                       out_shardings=(job.state_shardings, job.replicated))
+                       out_shardings=(job.state_shardings, job.replicated), compiler_options=backend.compiler_options())
   writer = metrics.MetricWriter(job.workdir, enabled=lead)
   progress = metrics.Progress(total_steps, start, enabled=lead)
   stream = input_pipeline.train_batches(job.train_split, stats=job.stats, seed=config.seed,

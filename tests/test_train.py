@@ -108,6 +108,7 @@ def test_a_changed_model_cannot_resume_a_workdir(tmp_path, data_dir):
     ({"image_size": 40, "resize_size": 48}, "image_size=40"),
     ({"resize_size": 60}, "resize_size=60 is smaller than the crop"),
     ({"dtype": "float16"}, "unknown dtype 'float16'"),
+    ({"ops_impl": "cudnn"}, "unknown ops_impl 'cudnn'; set --config.ops_impl to one of"),
     ({"dataset": "image_folder", "data_dir": ""}, "needs --config.data_dir"),
 ])
 def test_bad_config_values_are_named(change, message):
@@ -116,6 +117,15 @@ def test_bad_config_values_are_named(change, message):
     config[key] = value
   with pytest.raises(UserInputError, match=message):
     check_config(config)
+
+
+def test_ops_impl_reaches_the_model_and_old_workdirs_get_the_default():
+  config = quickstart.get_config()
+  assert train.create_model(config).ops_impl == "fast"
+  config.ops_impl = "plain"
+  assert train.create_model(config).ops_impl == "plain"
+  del config["ops_impl"]  # a config.json written before the option existed
+  assert train.create_model(config).ops_impl == "fast"
 
 
 def test_bad_model_values_are_named():

@@ -1,0 +1,79 @@
+"""The jitted steps' bodies: one SGD step and one evaluation step of a model on a batch.
+
+Free of the input pipeline (TensorFlow) and the config, so that `alexnet_jax.bench` times
+exactly the step that training runs, on machines without either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from alexnet_jax import augment
+from alexnet_jax.models import AlexNet
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  plateau: dict  # the plateau schedule's memory: best val error, evaluations since, drops
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+
+
+def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int, skip_nonfinite: bool = False):
+  """One SGD step; dropout's randomness is a function of (seed, step) only.
+
+  'finite' in the metrics says whether the loss and every gradient were finite; with
+  `skip_nonfinite` such a step leaves the parameters and optimizer state as they were.
+  """
+  def train_step(state: TrainState, batch: dict, mean_image: jax.Array) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    images = augment.normalize(batch, mean_image)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+      return jnp.mean(cross_entropy(logits, batch["label"])), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    if skip_nonfinite:
+      keep = lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf)
+      new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+    return new, {"train/loss": loss,
+                 "train/top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
+                 "learning_rate": opt_state.hyperparams["learning_rate"], "finite": finite}
+  return train_step
+
+
+def make_eval_step(model: AlexNet):
+  """Sums over a padded batch: loss, top-1 and top-5 mistakes and the count of real images.
+
+  Images of shape (batch, crops, H, W, 3) are the paper's ten patches: their softmax
+  outputs are averaged (log of the mean, computed stably).
+  """
+  def eval_step(params: Any, batch: dict, mean_image: jax.Array) -> dict:
+    images = augment.normalize(batch, mean_image)
+    crops = images.shape[1] if images.ndim == 5 else 1
+    logits = model.apply({"params": params}, images.reshape((-1,) + images.shape[-3:]))
+    log_probs = jax.nn.log_softmax(logits).reshape(images.shape[0], crops, -1)
+    log_probs = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(crops)
+    mask, labels = batch["mask"], batch["label"]
+    top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
+    in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
+    return {"loss": jnp.sum(cross_entropy(log_probs, labels) * mask),
+            "top1_wrong": jnp.sum((jnp.argmax(log_probs, -1) != labels) * mask),
+            "top5_wrong": jnp.sum((~in_top5) * mask),
+            "count": jnp.sum(mask)}
+  return eval_step

@@ -1,0 +1,106 @@
+"""The paper net's training step in JAX (ours) and in PyTorch eager, timed in one process.
+
+  python benchmarks/cpu_vs_torch.py [--batch_size=32] [--rounds=7] [--meshes=none,1x2]
+
+Both sides train the same two-tower net (PyTorch: `torch_nets.GroupedAlexNet`, the towers
+as groups=2, LRN per tower) with SGD, momentum 0.9 and weight decay 5e-4, at fp32 on
+synthetic batches already in memory. Ours runs training's own step (`steps.make_train_step`
+via `alexnet_jax.bench`), which also turns uint8 crops into the network's input; PyTorch
+gets float input ready-made. PyTorch runs in its default NCHW layout and in channels_last,
+its faster CPU layout where oneDNN has one. The sides take turns in every round, so the
+load of other processes falls on all alike; ratios are medians over rounds of per-round
+ratios, and also of each side's fastest round (the nearest to an idle machine). CPU seconds
+per step are the work each side spent (a busy wait counts too). Needs torch (`pip install torch==2.13.0` on the development machine); it is a
+baseline here, not a dependency. The last line is JSON.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from alexnet_jax import bench  # first: sets the simulated CPU devices before JAX starts
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import jax
+import torch
+import torch.nn.functional as F
+
+from alexnet_jax.torch_nets import GroupedAlexNet
+
+
+SIDE = 227
+
+
+def torch_runner(batch_size: int, channels_last: bool):
+  """n PyTorch eager training steps per call."""
+  torch.manual_seed(0)
+  net = GroupedAlexNet()
+  x = torch.randn(batch_size, 3, SIDE, SIDE)
+  if channels_last:
+    net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+  y = torch.arange(batch_size) % 1000
+  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+  net.train()
+
+  def train(n: int) -> None:
+    for _ in range(n):
+      opt.zero_grad(set_to_none=True)
+      F.cross_entropy(net(x), y).backward()
+      opt.step()
+
+  train(1)
+  return train
+
+
+def counting_cpu(run: Callable[[int], None], per_call: list) -> Callable[[int], None]:
+  """`run`, recording the process's CPU seconds per call: the work done, whatever the load."""
+  def counted(n: int) -> None:
+    t0 = time.process_time()
+    run(n)
+    per_call.append((time.process_time() - t0) / n)
+  return counted
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--round_seconds", type=float, default=3.0)
+  parser.add_argument("--meshes", default="none", help="our meshes, comma-separated: none, 1x2, ...")
+  args = parser.parse_args()
+  runners = {}
+  for mesh in args.meshes.split(","):
+    runners[f"jax {mesh}"] = bench.build(bench.Case(mesh, "float32", args.batch_size), "paper", SIDE).train
+  runners["torch NCHW"] = torch_runner(args.batch_size, channels_last=False)
+  runners["torch channels_last"] = torch_runner(args.batch_size, channels_last=True)
+  counts = {k: bench.steps_for(r, args.round_seconds) for k, r in runners.items()}
+  cpu = {k: [] for k in runners}
+  times = bench.time_rounds({k: counting_cpu(r, cpu[k]) for k, r in runners.items()}, counts, args.rounds)
+  torch_best = max(("torch NCHW", "torch channels_last"), key=lambda k: -statistics.median(times[k]))
+  rows = {k: {"images_per_sec": round(args.batch_size / statistics.median(t), 2),
+              "images_per_sec_best": round(args.batch_size / min(t), 2),
+              "speedup_vs_torch_eager": round(bench.median_ratio(times[torch_best], t), 3),
+              "speedup_best_rounds": round(min(times[torch_best]) / min(t), 3),
+              "cpu_seconds_per_step": round(statistics.median(cpu[k]), 3)}
+          for k, t in times.items()}
+  print(f"batch {args.batch_size}, fp32, {SIDE}x{SIDE}, {args.rounds} alternating rounds; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}, "
+        f"{os.cpu_count()} CPUs; ratios against {torch_best}")
+  print("| side | train img/s (median) | best round | x torch eager (median of rounds) | x torch eager (best rounds) "
+        "| CPU s per step |\n|---|---|---|---|---|---|")
+  for k, r in rows.items():
+    print(f"| {k} | {r['images_per_sec']} | {r['images_per_sec_best']} | {r['speedup_vs_torch_eager']} | "
+          f"{r['speedup_best_rounds']} | {r['cpu_seconds_per_step']} |")
+  print(json.dumps({"batch_size": args.batch_size, "image_size": SIDE, "rounds": args.rounds,
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
+                    "cpus": os.cpu_count(), "torch_baseline": torch_best, "results": rows}))
+
+
+if __name__ == "__main__":
+  main()
