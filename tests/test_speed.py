@@ -130,19 +130,44 @@ def test_bench_report_without_a_known_peak_leaves_mfu_out():
   assert "| 1x2 | float32 | 2 | plain | backend |" in bench.markdown(report)
 
 
-def test_bench_command_prints_json_last_and_imports_no_tensorflow():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_command(run: str, args: list[str], no_torch: bool = False) -> list[str]:
+  """Runs `run` (a runpy call) as a command with `args` on 2 simulated devices; its stdout lines.
+
+  Afterwards, in the same process, it asserts that neither TensorFlow nor the configs were
+  loaded; `no_torch` makes `import torch` fail as on a machine without it."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  # The whole command runs, then the modules it loaded are checked: no TensorFlow, no configs.
-  script = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n  runpy.run_module('alexnet_jax.bench', "
-            "run_name='__main__', alter_sys=True)\nexcept SystemExit as e:\n  assert not e.code, e.code\n"
+  script = ("import runpy, sys\nsys.argv = sys.argv[1:]\n" + ("sys.modules['torch'] = None\n" if no_torch else "")
+            + f"try:\n  {run}\nexcept SystemExit as e:\n  assert not e.code, e.code\n"
             "assert not {'tensorflow', 'ml_collections'} & set(sys.modules)\n")
-  out = subprocess.run(
-      [sys.executable, "-c", script, "bench", "--batch_size=2", "--image_size=67", "--dtype=bfloat16", "--rounds=1", "--round_seconds=0.01",
-       "--peak_tflops=1"],
-      cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run([sys.executable, "-c", script, "command"] + args, cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.strip().splitlines()
+  return out.stdout.strip().splitlines()
+
+
+def test_bench_command_prints_json_last_and_imports_no_tensorflow():
+  lines = run_command("runpy.run_module('alexnet_jax.bench', run_name='__main__', alter_sys=True)",
+                      ["--batch_size=2", "--image_size=67", "--dtype=bfloat16", "--rounds=1", "--round_seconds=0.01",
+                       "--peak_tflops=1"])
   report = json.loads(lines[-1])
   assert report["results"][0]["dtype"] == "bfloat16" and report["results"][0]["mfu"] > 0
   assert any(line.startswith("| none | bfloat16 | 2 | fast | backend |") for line in lines)
+
+
+@pytest.mark.parametrize("no_torch", [True, False])
+def test_cpu_vs_torch_times_torch_only_where_installed(no_torch):
+  if not no_torch:
+    pytest.importorskip("torch")
+  lines = run_command("runpy.run_path('benchmarks/cpu_vs_torch.py', run_name='__main__')",
+                      ["--batch_size=2", "--rounds=1", "--round_seconds=0.01"], no_torch=no_torch)
+  report = json.loads(lines[-1])
+  ours = report["results"]["jax none"]
+  assert ours["images_per_sec"] > 0
+  if no_torch:
+    assert set(report["results"]) == {"jax none"} and report["torch"] is None and ours["speedup_vs_torch_eager"] is None
+    assert "torch not installed: no baseline" in lines[0]
+  else:
+    assert report["torch_baseline"] in report["results"] and ours["speedup_vs_torch_eager"] > 0
