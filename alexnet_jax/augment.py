@@ -25,6 +25,10 @@ def normalize(batch: dict, mean_image: jax.Array) -> jax.Array:
     return jnp.where(flip, x[:, ::-1], x)
 
   flat = lambda a, tail: a.reshape((-1,) + tail)
-  out = jax.vmap(one)(flat(images, images.shape[-3:]), flat(batch["offset"], (2,)), flat(batch["flip"], ()),
-                      flat(colour, (3,)))
+  out = jax.vmap(one)(
+    flat(images, images.shape[-3:]),
+    flat(batch["offset"], (2,)),
+    flat(batch["flip"], ()),
+    flat(colour, (3,)),
+  )
   return out.reshape(images.shape)

@@ -18,21 +18,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_CPU_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
 
 # Dense peak FLOP/s per chip by a substring of `device.device_kind`, first match wins.
 # float32 on NVIDIA GPUs is the TF32 tensor-core peak: XLA computes float32 convolutions and
 # dots in TF32 at JAX's default precision. TPUs list bfloat16 only.
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
-    ("H100", {"bfloat16": 989e12, "float32": 495e12}),
-    ("H200", {"bfloat16": 989e12, "float32": 495e12}),
-    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
-    ("L4", {"bfloat16": 121e12, "float32": 60e12}),
-    ("TPU v4", {"bfloat16": 275e12}),
-    ("TPU v5 lite", {"bfloat16": 197e12}),
-    ("TPU v5", {"bfloat16": 459e12}),
-    ("TPU v6 lite", {"bfloat16": 918e12}),
+  ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
+  ("H100", {"bfloat16": 989e12, "float32": 495e12}),
+  ("H200", {"bfloat16": 989e12, "float32": 495e12}),
+  ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+  ("L4", {"bfloat16": 121e12, "float32": 60e12}),
+  ("TPU v4", {"bfloat16": 275e12}),
+  ("TPU v5 lite", {"bfloat16": 197e12}),
+  ("TPU v5", {"bfloat16": 459e12}),
+  ("TPU v6 lite", {"bfloat16": 918e12}),
 )
 
 
@@ -58,16 +60,23 @@ def check_dtype(dtype: Any) -> None:
   if dtype == jnp.float32:
     return
   device = jax.devices()[0]
+
   def conv_then_dot(x, w):
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return y.reshape(16, 16) @ y.reshape(16, 16)
 
   try:
-    jax.block_until_ready(jax.jit(conv_then_dot)(jnp.ones((1, 8, 8, 3), dtype), jnp.ones((3, 3, 3, 4), dtype)))
+    jax.block_until_ready(
+      jax.jit(conv_then_dot)(jnp.ones((1, 8, 8, 3), dtype), jnp.ones((3, 3, 3, 4), dtype))
+    )
   except Exception as e:  # backends fail in many ways (runtime, not implemented, ...): all mean no
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"{dtype.name} is not supported on {device.device_kind} ({device.platform}): {first}; "
-                     "use float32") from e
+    raise ValueError(
+      f"{dtype.name} is not supported on {device.device_kind} ({device.platform}): {first}; "
+      "use float32"
+    ) from e
 
 
 def peak_flops(device_kind: str, dtype: Any) -> float | None:

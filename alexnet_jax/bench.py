@@ -16,7 +16,9 @@ import os
 import sys
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  ).strip()
 
 import dataclasses
 import datetime
@@ -26,11 +28,12 @@ import statistics
 import time
 from typing import Any, Callable, Iterator
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import app, flags
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import backend, models, optim, sharding, steps
 from alexnet_jax.models import AlexNet
@@ -39,13 +42,24 @@ _VARIANT = flags.DEFINE_enum("variant", "paper", list(models.VARIANTS), "Which n
 _BATCH = flags.DEFINE_list("batch_size", ["32"], "Global batch sizes, e.g. 32,128,512.")
 _SIZE = flags.DEFINE_integer("image_size", 227, "Input side.")
 _DTYPE = flags.DEFINE_list("dtype", ["float32"], "Computation dtypes: float32, bfloat16 or both.")
-_MESHES = flags.DEFINE_list("meshes", ["none"], "'none' (no mesh) or DATAxMODEL (e.g. 1x2: one tower per device).")
+_MESHES = flags.DEFINE_list(
+  "meshes", ["none"], "'none' (no mesh) or DATAxMODEL (e.g. 1x2: one tower per device)."
+)
 _OPS = flags.DEFINE_list("ops_impl", ["fast"], "AlexNet(ops_impl=...): fast, plain or both.")
-_OPTIONS = flags.DEFINE_list("compiler_options", ["backend"],
-                             "backend (backend.compiler_options(), what training uses), xla (XLA's defaults) or both.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating timing rounds; figures are medians over rounds.")
-_SECONDS = flags.DEFINE_float("round_seconds", 2.0, "Train-step seconds per case per round (eval: half).")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for MFU on a device the table does not know.")
+_OPTIONS = flags.DEFINE_list(
+  "compiler_options",
+  ["backend"],
+  "backend (backend.compiler_options(), what training uses), xla (XLA's defaults) or both.",
+)
+_ROUNDS = flags.DEFINE_integer(
+  "rounds", 3, "Alternating timing rounds; figures are medians over rounds."
+)
+_SECONDS = flags.DEFINE_float(
+  "round_seconds", 2.0, "Train-step seconds per case per round (eval: half)."
+)
+_PEAK = flags.DEFINE_float(
+  "peak_tflops", None, "Peak TFLOP/s for MFU on a device the table does not know."
+)
 
 MESH_NONE = "none"
 
@@ -64,7 +78,9 @@ class Built:
   train: Callable[[int], None]  # runs n train steps and waits for them
   evaluate: Callable[[int], None]  # runs n evaluation steps and waits for them
   compile_s: float  # the train step's lowering and compilation
-  memory_bytes: int | None  # XLA's estimate for the compiled train step per device: arguments + outputs + temporaries
+  memory_bytes: (
+    int | None
+  )  # XLA's estimate for the compiled train step per device: arguments + outputs + temporaries
 
 
 def train_flops_per_image(model: AlexNet, image_size: int) -> float:
@@ -72,8 +88,10 @@ def train_flops_per_image(model: AlexNet, image_size: int) -> float:
   connected layers, x3 for forward and backward. 4.35e9 for the paper's net at 227x227."""
   arch, pool = model.arch, ((3, 2) if model.overlapping_pool else (2, 2))
   sides = models.feature_sides(arch, image_size, *pool)
-  macs = sum(math.prod(kernel) * sides.get(name, 1) ** 2
-             for name, (kernel, _) in models.param_shapes(arch, model.num_classes, sides["pool5"]).items())
+  macs = sum(
+    math.prod(kernel) * sides.get(name, 1) ** 2
+    for name, (kernel, _) in models.param_shapes(arch, model.num_classes, sides["pool5"]).items()
+  )
   return 6.0 * macs
 
 
@@ -86,18 +104,26 @@ def parse_mesh(name: str) -> Mesh | None:
   except ValueError:
     raise ValueError(f"mesh {name!r}: use '{MESH_NONE}' or DATAxMODEL, e.g. 1x2") from None
   if data * model > jax.device_count():
-    raise ValueError(f"mesh {name} needs {data * model} devices; this process has {jax.device_count()}"
-                     + (" (set XLA_FLAGS=--xla_force_host_platform_device_count=N for more CPU devices)"
-                        if jax.default_backend() == "cpu" else ""))
-  return sharding.make_mesh(model, jax.devices()[:data * model])
+    raise ValueError(
+      f"mesh {name} needs {data * model} devices; this process has {jax.device_count()}"
+      + (
+        " (set XLA_FLAGS=--xla_force_host_platform_device_count=N for more CPU devices)"
+        if jax.default_backend() == "cpu"
+        else ""
+      )
+    )
+  return sharding.make_mesh(model, jax.devices()[: data * model])
 
 
 def synthetic_batch(batch_size: int, image_size: int, train: bool) -> dict:
   """A batch in the input pipeline's format: uint8 crops and their augmentation draws."""
   rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
-           "offset": np.zeros((batch_size, 2), np.int32), "flip": rng.random(batch_size) < 0.5,
-           "label": (np.arange(batch_size) % 1000).astype(np.int32)}
+  batch = {
+    "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
+    "offset": np.zeros((batch_size, 2), np.int32),
+    "flip": rng.random(batch_size) < 0.5,
+    "label": (np.arange(batch_size) % 1000).astype(np.int32),
+  }
   if train:
     batch["colour"] = rng.normal(0, 1, (batch_size, 3)).astype(np.float32)
   else:
@@ -105,8 +131,13 @@ def synthetic_batch(batch_size: int, image_size: int, train: bool) -> dict:
   return batch
 
 
-def build(case: Case, variant: str, image_size: int, batches: Iterator[dict] | None = None,
-          mean_image: np.ndarray | None = None) -> Built:
+def build(
+  case: Case,
+  variant: str,
+  image_size: int,
+  batches: Iterator[dict] | None = None,
+  mean_image: np.ndarray | None = None,
+) -> Built:
   """Compiles the train and evaluation steps of one case on device-resident synthetic data.
 
   With `batches` (host batches from the input pipeline, with their `mean_image`) every train
@@ -115,11 +146,15 @@ def build(case: Case, variant: str, image_size: int, batches: Iterator[dict] | N
   mesh = parse_mesh(case.mesh)
   data = 1 if mesh is None else mesh.shape["data"]
   if case.batch_size % data:
-    raise ValueError(f"batch {case.batch_size} does not divide over mesh {case.mesh}'s data axis of size {data}; "
-                     "use a multiple of it")
+    raise ValueError(
+      f"batch {case.batch_size} does not divide over mesh {case.mesh}'s data axis of size {data}; "
+      "use a multiple of it"
+    )
   model = AlexNet(variant=variant, mesh=mesh, dtype=jnp.dtype(case.dtype), ops_impl=case.ops_impl)
   tx = optim.paper_sgd(0.01)
-  params = model.clone(mesh=None).init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))["params"]
+  params = model.clone(mesh=None).init(
+    jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))
+  )["params"]
   # The plateau schedule's memory is untouched by the step: an empty dict keeps the state lean.
   state = steps.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), plateau={})
   train_batch, eval_batch = (synthetic_batch(case.batch_size, image_size, t) for t in (True, False))
@@ -130,30 +165,57 @@ def build(case: Case, variant: str, image_size: int, batches: Iterator[dict] | N
   if mesh is None:
     device = jax.devices()[0]
     put = lambda batch: jax.device_put(batch, device)
-    state, train_batch, eval_batch, mean = jax.device_put((state, train_batch, eval_batch, mean), device)
-    train_jit = jax.jit(steps.make_train_step(model, tx, seed=0), donate_argnums=0, compiler_options=options)
+    state, train_batch, eval_batch, mean = jax.device_put(
+      (state, train_batch, eval_batch, mean), device
+    )
+    train_jit = jax.jit(
+      steps.make_train_step(model, tx, seed=0), donate_argnums=0, compiler_options=options
+    )
     eval_jit = jax.jit(steps.make_eval_step(model), compiler_options=options)
   else:
-    state_sh, batch_sh, rep = sharding.tree_shardings(state, mesh), sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+    state_sh, batch_sh, rep = (
+      sharding.tree_shardings(state, mesh),
+      sharding.batch_sharding(mesh),
+      NamedSharding(mesh, P()),
+    )
     put = lambda batch: jax.device_put(batch, batch_sh)
     state, mean = jax.device_put(state, state_sh), jax.device_put(mean, rep)
     train_batch, eval_batch = put((train_batch, eval_batch))
-    train_jit = jax.jit(steps.make_train_step(model, tx, seed=0), donate_argnums=0, compiler_options=options,
-                        in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep))
-    eval_jit = jax.jit(steps.make_eval_step(model), compiler_options=options,
-                       in_shardings=(state_sh.params, batch_sh, rep), out_shardings=rep)
+    train_jit = jax.jit(
+      steps.make_train_step(model, tx, seed=0),
+      donate_argnums=0,
+      compiler_options=options,
+      in_shardings=(state_sh, batch_sh, rep),
+      out_shardings=(state_sh, rep),
+    )
+    eval_jit = jax.jit(
+      steps.make_eval_step(model),
+      compiler_options=options,
+      in_shardings=(state_sh.params, batch_sh, rep),
+      out_shardings=rep,
+    )
   t0 = time.perf_counter()
   train_step = train_jit.lower(state, train_batch, mean).compile()
   compile_s = time.perf_counter() - t0
   eval_step = eval_jit.lower(state.params, eval_batch, mean).compile()
   analysis = train_step.memory_analysis()
-  memory = None if analysis is None else (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                                          + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  memory = (
+    None
+    if analysis is None
+    else (
+      analysis.argument_size_in_bytes
+      + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes
+      - analysis.alias_size_in_bytes
+    )
+  )
   current = [state]
 
   def train(n: int) -> None:
     for _ in range(n):
-      current[0], _ = train_step(current[0], train_batch if batches is None else put(next(batches)), mean)
+      current[0], _ = train_step(
+        current[0], train_batch if batches is None else put(next(batches)), mean
+      )
     jax.block_until_ready(current[0])
 
   def evaluate(n: int) -> None:
@@ -173,7 +235,9 @@ def steps_for(run: Callable[[int], None], seconds: float) -> int:
   return max(1, round(seconds / (time.perf_counter() - t0)))
 
 
-def time_rounds(runners: dict[Any, Callable[[int], None]], counts: dict[Any, int], rounds: int) -> dict[Any, list[float]]:
+def time_rounds(
+  runners: dict[Any, Callable[[int], None]], counts: dict[Any, int], rounds: int
+) -> dict[Any, list[float]]:
   """Seconds per call of every runner in each round; the runners take turns within a round,
   so that load from other processes falls on all of them alike."""
   times = {key: [] for key in runners}
@@ -190,33 +254,49 @@ def median_ratio(base: list[float], other: list[float]) -> float:
   return statistics.median(b / o for b, o in zip(base, other))
 
 
-def run(cases: list[Case], variant: str, image_size: int, rounds: int, round_seconds: float,
-        peak_tflops: float | None = None) -> dict:
+def run(
+  cases: list[Case],
+  variant: str,
+  image_size: int,
+  rounds: int,
+  round_seconds: float,
+  peak_tflops: float | None = None,
+) -> dict:
   """Builds, times and reports every case; the report is JSON-serialisable. MFU is against
   `peak_tflops` when given, else against the device's entry in `backend.PEAK_FLOPS`."""
   for dtype in sorted({c.dtype for c in cases}):
     backend.check_dtype(dtype)
   device = jax.devices()[0]
-  peak_flops = lambda dtype: peak_tflops * 1e12 if peak_tflops else backend.peak_flops(device.device_kind, dtype)
+  peak_flops = lambda dtype: (
+    peak_tflops * 1e12 if peak_tflops else backend.peak_flops(device.device_kind, dtype)
+  )
   train_flops = train_flops_per_image(AlexNet(variant=variant), image_size)
   built = {}
   for case in cases:
     print(f"compiling {case}", file=sys.stderr)
     built[case] = build(case, variant, image_size)
-  runners = {(c, "train"): b.train for c, b in built.items()} | {(c, "eval"): b.evaluate for c, b in built.items()}
-  counts = {key: steps_for(r, round_seconds / (1 if key[1] == "train" else 2)) for key, r in runners.items()}
+  runners = {(c, "train"): b.train for c, b in built.items()} | {
+    (c, "eval"): b.evaluate for c, b in built.items()
+  }
+  counts = {
+    key: steps_for(r, round_seconds / (1 if key[1] == "train" else 2)) for key, r in runners.items()
+  }
   times = time_rounds(runners, counts, rounds)
   rows = []
   for case in cases:
     train_s, eval_s = times[(case, "train")], times[(case, "eval")]
     row = dataclasses.asdict(case) | {
-        "images_per_sec": round(case.batch_size / statistics.median(train_s), 2),
-        "images_per_sec_best": round(case.batch_size / min(train_s), 2),
-        "eval_images_per_sec": round(case.batch_size / statistics.median(eval_s), 2),
-        "train_ratio_to_first": round(median_ratio(times[(cases[0], "train")], train_s)
-                                      * case.batch_size / cases[0].batch_size, 3),
-        "compile_s": round(built[case].compile_s, 2),
-        "memory_gb": None if built[case].memory_bytes is None else round(built[case].memory_bytes / 2**30, 3)}
+      "images_per_sec": round(case.batch_size / statistics.median(train_s), 2),
+      "images_per_sec_best": round(case.batch_size / min(train_s), 2),
+      "eval_images_per_sec": round(case.batch_size / statistics.median(eval_s), 2),
+      "train_ratio_to_first": round(
+        median_ratio(times[(cases[0], "train")], train_s) * case.batch_size / cases[0].batch_size, 3
+      ),
+      "compile_s": round(built[case].compile_s, 2),
+      "memory_gb": None
+      if built[case].memory_bytes is None
+      else round(built[case].memory_bytes / 2**30, 3),
+    }
     peak = peak_flops(case.dtype)
     if peak:
       row["mfu"] = round(row["images_per_sec"] * train_flops / peak, 4)
@@ -225,41 +305,79 @@ def run(cases: list[Case], variant: str, image_size: int, rounds: int, round_sec
   stats = device.memory_stats() or {}
   unknown = sorted({c.dtype for c in cases if not peak_flops(c.dtype)})
   return {
-      "images_per_sec": rows[0]["images_per_sec"], "variant": variant, "image_size": image_size,
-      "device": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
-      "jax": jax.__version__, "date": datetime.date.today().isoformat(), "rounds": rounds,
-      "backend_compiler_options": backend.compiler_options(), "train_gflop_per_image": round(train_flops / 1e9, 3),
-      "peak_memory_gb": (round(stats["peak_bytes_in_use"] / 2**30, 3) if "peak_bytes_in_use" in stats
-                         else f"not available on {device.platform}"),
-      "mfu_note": (f"no peak FLOP/s known for {device.device_kind!r} in {', '.join(unknown)}: MFU left out "
-                   "(pass --peak_tflops)" if unknown else "MFU against the dense peak in backend.PEAK_FLOPS"),
-      "results": rows}
+    "images_per_sec": rows[0]["images_per_sec"],
+    "variant": variant,
+    "image_size": image_size,
+    "device": device.device_kind,
+    "platform": device.platform,
+    "device_count": jax.device_count(),
+    "jax": jax.__version__,
+    "date": datetime.date.today().isoformat(),
+    "rounds": rounds,
+    "backend_compiler_options": backend.compiler_options(),
+    "train_gflop_per_image": round(train_flops / 1e9, 3),
+    "peak_memory_gb": (
+      round(stats["peak_bytes_in_use"] / 2**30, 3)
+      if "peak_bytes_in_use" in stats
+      else f"not available on {device.platform}"
+    ),
+    "mfu_note": (
+      f"no peak FLOP/s known for {device.device_kind!r} in {', '.join(unknown)}: MFU left out "
+      "(pass --peak_tflops)"
+      if unknown
+      else "MFU against the dense peak in backend.PEAK_FLOPS"
+    ),
+    "results": rows,
+  }
 
 
 def markdown(report: dict) -> str:
   """The report's cases as a markdown table."""
-  head = ("| mesh | dtype | batch | ops | compiler options | train img/s | x first row | eval img/s | train MFU | "
-          "compile s | GB per device |\n|---|---|---|---|---|---|---|---|---|---|---|")
-  lines = [f"| {r['mesh']} | {r['dtype']} | {r['batch_size']} | {r['ops_impl']} | {r['compiler_options']} | "
-           f"{r['images_per_sec']} | "
-           f"{r['train_ratio_to_first']} | {r['eval_images_per_sec']} | "
-           f"{'-' if 'mfu' not in r else format(r['mfu'], '.1%')} | {r['compile_s']} | {r['memory_gb']} |"
-           for r in report["results"]]
-  return "\n".join([f"{report['device']} ({report['platform']}), {report['variant']} net, "
-                    f"{report['image_size']}x{report['image_size']}, {report['date']}", "", head] + lines)
+  head = (
+    "| mesh | dtype | batch | ops | compiler options | train img/s | x first row | eval img/s | train MFU | "
+    "compile s | GB per device |\n|---|---|---|---|---|---|---|---|---|---|---|"
+  )
+  lines = [
+    f"| {r['mesh']} | {r['dtype']} | {r['batch_size']} | {r['ops_impl']} | {r['compiler_options']} | "
+    f"{r['images_per_sec']} | "
+    f"{r['train_ratio_to_first']} | {r['eval_images_per_sec']} | "
+    f"{'-' if 'mfu' not in r else format(r['mfu'], '.1%')} | {r['compile_s']} | {r['memory_gb']} |"
+    for r in report["results"]
+  ]
+  return "\n".join(
+    [
+      f"{report['device']} ({report['platform']}), {report['variant']} net, "
+      f"{report['image_size']}x{report['image_size']}, {report['date']}",
+      "",
+      head,
+    ]
+    + lines
+  )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    cases = [Case(m, d, int(b), o, x) for m in _MESHES.value for d in _DTYPE.value for b in _BATCH.value
-             for o in _OPS.value for x in _OPTIONS.value]
+    cases = [
+      Case(m, d, int(b), o, x)
+      for m in _MESHES.value
+      for d in _DTYPE.value
+      for b in _BATCH.value
+      for o in _OPS.value
+      for x in _OPTIONS.value
+    ]
     for c in cases:
-      if (c.dtype not in ("float32", "bfloat16") or c.ops_impl not in models.OPS_IMPLS or c.batch_size < 1
-          or c.compiler_options not in ("backend", "xla")):
-        raise ValueError(f"bad case {c}: dtype float32 or bfloat16, ops_impl one of {tuple(models.OPS_IMPLS)}, "
-                         "batch_size >= 1, compiler_options backend or xla")
+      if (
+        c.dtype not in ("float32", "bfloat16")
+        or c.ops_impl not in models.OPS_IMPLS
+        or c.batch_size < 1
+        or c.compiler_options not in ("backend", "xla")
+      ):
+        raise ValueError(
+          f"bad case {c}: dtype float32 or bfloat16, ops_impl one of {tuple(models.OPS_IMPLS)}, "
+          "batch_size >= 1, compiler_options backend or xla"
+        )
     report = run(cases, _VARIANT.value, _SIZE.value, _ROUNDS.value, _SECONDS.value, _PEAK.value)
   except ValueError as e:
     sys.exit(f"error: {e}")

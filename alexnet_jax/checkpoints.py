@@ -25,11 +25,17 @@ _MUST_MATCH = ("model", "num_classes", "image_size", "batch_size", "dataset")
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  policy = policies.AnyPreservationPolicy([
+  policy = policies.AnyPreservationPolicy(
+    [
       policies.LatestN(keep),
-      policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
-                     keep_checkpoints_without_metrics=False),
-  ])
+      policies.BestN(
+        get_metric_fn=lambda m: m[BEST_METRIC],
+        reverse=True,
+        n=1,
+        keep_checkpoints_without_metrics=False,
+      ),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
   return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
 
@@ -69,5 +75,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
     new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
     if old != new:
-      raise UserInputError(f"workdir {workdir} holds checkpoints of a run with {key}={old}, not {new}: "
-                           "use a fresh --workdir, or the settings of that run")
+      raise UserInputError(
+        f"workdir {workdir} holds checkpoints of a run with {key}={old}, not {new}: "
+        "use a fresh --workdir, or the settings of that run"
+      )

@@ -11,20 +11,25 @@ import ml_collections
 from alexnet_jax import optim
 from alexnet_jax.convert import SUFFIXES
 from alexnet_jax.errors import UserInputError
-from alexnet_jax.models import make_arch, feature_sides, ACTIVATIONS, LRN_SCOPES, OPS_IMPLS
+from alexnet_jax.models import ACTIVATIONS, LRN_SCOPES, OPS_IMPLS, feature_sides, make_arch
 
 DATASETS = ("synthetic", "image_folder", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                 process_count: int | None = None) -> None:
+def check_config(
+  config: ml_collections.ConfigDict,
+  num_devices: int | None = None,
+  process_count: int | None = None,
+) -> None:
   """Raises UserInputError naming the bad value and the fix."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   if config.num_devices:
     if not 0 < config.num_devices <= num_devices or process_count > 1:
-      raise UserInputError(f"num_devices={config.num_devices}: use 0 (all) or 1..{num_devices}, on one process only")
+      raise UserInputError(
+        f"num_devices={config.num_devices}: use 0 (all) or 1..{num_devices}, on one process only"
+      )
     num_devices = config.num_devices
 
   def bad(message):
@@ -33,11 +38,15 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   if config.dataset not in DATASETS:
     bad(f"unknown dataset {config.dataset!r}; set --config.dataset to one of {DATASETS}")
   if config.dataset == "image_folder" and not config.data_dir:
-    bad("dataset 'image_folder' needs --config.data_dir=DIR (with DIR/train/<class>/* and DIR/val/<class>/*)")
+    bad(
+      "dataset 'image_folder' needs --config.data_dir=DIR (with DIR/train/<class>/* and DIR/val/<class>/*)"
+    )
   if config.dtype not in DTYPES:
     bad(f"unknown dtype {config.dtype!r}; set --config.dtype to one of {DTYPES}")
   if config.lr_schedule not in optim.SCHEDULES:
-    bad(f"unknown lr_schedule {config.lr_schedule!r}; set --config.lr_schedule to one of {optim.SCHEDULES}")
+    bad(
+      f"unknown lr_schedule {config.lr_schedule!r}; set --config.lr_schedule to one of {optim.SCHEDULES}"
+    )
   m = config.model
   try:
     arch = make_arch(m.variant, m.towers if m.variant == "paper" else None, m.lrn)
@@ -52,17 +61,27 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   if config.ops_impl not in OPS_IMPLS:
     bad(f"unknown ops_impl {config.ops_impl!r}; set --config.ops_impl to one of {tuple(OPS_IMPLS)}")
   if config.model_parallelism not in (1, 2):
-    bad(f"model_parallelism={config.model_parallelism}; it must be 1 (towers together) or 2 (one tower per device)")
+    bad(
+      f"model_parallelism={config.model_parallelism}; it must be 1 (towers together) or 2 (one tower per device)"
+    )
   if arch.towers % config.model_parallelism:
-    bad(f"model_parallelism=2 splits two towers, but the {m.variant!r} net has {arch.towers}; set --config.model_parallelism=1")
+    bad(
+      f"model_parallelism=2 splits two towers, but the {m.variant!r} net has {arch.towers}; set --config.model_parallelism=1"
+    )
   if num_devices % config.model_parallelism:
-    bad(f"model_parallelism={config.model_parallelism} needs an even number of devices, found {num_devices}")
+    bad(
+      f"model_parallelism={config.model_parallelism} needs an even number of devices, found {num_devices}"
+    )
   data_size = num_devices // config.model_parallelism
   if config.batch_size <= 0 or config.batch_size % data_size or config.batch_size % process_count:
-    bad(f"batch_size={config.batch_size} does not divide over the {data_size} data-parallel devices "
-        f"({process_count} process(es)); use a multiple of {math.lcm(data_size, process_count)}")
+    bad(
+      f"batch_size={config.batch_size} does not divide over the {data_size} data-parallel devices "
+      f"({process_count} process(es)); use a multiple of {math.lcm(data_size, process_count)}"
+    )
   if config.mean_subtraction not in ("image", "channel"):
-    bad(f"mean_subtraction={config.mean_subtraction!r}; use 'image' (the paper's mean image) or 'channel'")
+    bad(
+      f"mean_subtraction={config.mean_subtraction!r}; use 'image' (the paper's mean image) or 'channel'"
+    )
   if config.eval_crops not in (1, 10):
     bad(f"eval_crops={config.eval_crops}; use 1 (centre crop) or 10 (the paper's ten patches)")
   if config.pca_noise_std < 0:
@@ -70,8 +89,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   if config.num_classes < 1:
     bad(f"num_classes={config.num_classes} must be at least 1")
   if config.resize_size < config.image_size:
-    bad(f"resize_size={config.resize_size} is smaller than the crop image_size={config.image_size}; "
-        "the crop is taken from the rescaled image")
+    bad(
+      f"resize_size={config.resize_size} is smaller than the crop image_size={config.image_size}; "
+      "the crop is taken from the rescaled image"
+    )
   try:
     pool = (3, 2) if m.overlapping_pool else (2, 2)
     feature_sides(arch, config.image_size, *pool)
@@ -83,11 +104,16 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     bad("set --config.num_epochs or --config.num_train_steps to a positive number")
   if not 0 <= config.freeze_all_but_last <= len(optim.LAYERS):
-    bad(f"freeze_all_but_last={config.freeze_all_but_last} must be between 0 (train every layer) and "
-        f"{len(optim.LAYERS)}; 1 trains fc8 only")
+    bad(
+      f"freeze_all_but_last={config.freeze_all_but_last} must be between 0 (train every layer) and "
+      f"{len(optim.LAYERS)}; 1 trains fc8 only"
+    )
   source = config.init_from
   if source and not os.path.exists(source):
-    bad(f"init_from={source!r} does not exist; give a workdir of ours or a weights file ({', '.join(SUFFIXES)})")
+    bad(
+      f"init_from={source!r} does not exist; give a workdir of ours or a weights file ({', '.join(SUFFIXES)})"
+    )
   if source and not os.path.isdir(source) and os.path.splitext(source)[1].lower() not in SUFFIXES:
-    bad(f"init_from={source!r}: unknown weights format; use a workdir of ours or a {', '.join(SUFFIXES)} file")
-
+    bad(
+      f"init_from={source!r}: unknown weights format; use a workdir of ours or a {', '.join(SUFFIXES)} file"
+    )

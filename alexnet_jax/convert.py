@@ -49,19 +49,45 @@ SUFFIXES = STATE_DICT_SUFFIXES + (".npy",)
 TORCHVISION_STD = (58.395, 57.12, 57.375)
 # The config.model settings each format's weights were trained with (configs/*_alexnet.py).
 TRAINED_WITH = {
-    "torchvision": dict(variant="torchvision", lrn=False),
-    "torch_grouped": dict(variant="paper"),
-    "caffe": dict(variant="paper", towers=2, lrn=True, lrn_scope="all", lrn_k=1.0, lrn_n=5, lrn_alpha=2e-5,
-                  lrn_beta=0.75),
+  "torchvision": dict(variant="torchvision", lrn=False),
+  "torch_grouped": dict(variant="paper"),
+  "caffe": dict(
+    variant="paper",
+    towers=2,
+    lrn=True,
+    lrn_scope="all",
+    lrn_k=1.0,
+    lrn_n=5,
+    lrn_alpha=2e-5,
+    lrn_beta=0.75,
+  ),
 }
 # The config each format's weights run with (configs/NAME.py).
-_CONFIGS = {"torchvision": "torchvision_alexnet", "torch_grouped": "default", "caffe": "caffe_alexnet"}
-_TORCHVISION_KEYS = dict(zip(LAYERS, ("features.0", "features.3", "features.6", "features.8", "features.10",
-                                      "classifier.1", "classifier.4", "classifier.6")))
+_CONFIGS = {
+  "torchvision": "torchvision_alexnet",
+  "torch_grouped": "default",
+  "caffe": "caffe_alexnet",
+}
+_TORCHVISION_KEYS = dict(
+  zip(
+    LAYERS,
+    (
+      "features.0",
+      "features.3",
+      "features.6",
+      "features.8",
+      "features.10",
+      "classifier.1",
+      "classifier.4",
+      "classifier.6",
+    ),
+  )
+)
 
 
 # Layouts. "Merged": one (kernel, bias) per layer with the towers' outputs side by side,
 # tower 0 first (Caffe's groups): HWIO kernels and (in, out) weights, our fc6 row order.
+
 
 def _merge(params: Mapping) -> tuple[dict, int]:
   towers = np.shape(params["conv1"]["kernel"])[0]
@@ -76,8 +102,11 @@ def _split(merged: dict, towers: int) -> Params:
   params = {}
   for name in LAYERS:
     k, b = merged[name]
-    params[name] = ({"kernel": k, "bias": b} if name == "fc8" else
-                    {"kernel": np.stack(np.split(k, towers, axis=-1)), "bias": b.reshape(towers, -1)})
+    params[name] = (
+      {"kernel": k, "bias": b}
+      if name == "fc8"
+      else {"kernel": np.stack(np.split(k, towers, axis=-1)), "bias": b.reshape(towers, -1)}
+    )
   return params
 
 
@@ -85,9 +114,17 @@ def _fc6_rows(towers: int, width: int, side: int, order: str) -> np.ndarray:
   """For each of our fc6 input rows (tower, h, w, channel in the tower), its row in the
   flattening `order` ("chw" or "hwc") of pool5's towers * width maps."""
   if order == "chw":
-    rows = np.arange(towers * width * side * side).reshape(towers, width, side, side).transpose(0, 2, 3, 1)
+    rows = (
+      np.arange(towers * width * side * side)
+      .reshape(towers, width, side, side)
+      .transpose(0, 2, 3, 1)
+    )
   else:
-    rows = np.arange(side * side * towers * width).reshape(side, side, towers, width).transpose(2, 0, 1, 3)
+    rows = (
+      np.arange(side * side * towers * width)
+      .reshape(side, side, towers, width)
+      .transpose(2, 0, 1, 3)
+    )
   return rows.reshape(-1)
 
 
@@ -121,7 +158,9 @@ def _dimensions(tensors: Mapping, fmt: str, towers: int) -> tuple[int, int]:
     return num_classes, 6
   wkey = _keys(fmt)["fc6"][0]
   maps = towers * make_arch("paper", towers).conv_widths[-1]
-  fan_in = np.shape(tensors[wkey])[0 if fmt == "caffe" else -1] if np.ndim(tensors.get(wkey)) == 2 else 0
+  fan_in = (
+    np.shape(tensors[wkey])[0 if fmt == "caffe" else -1] if np.ndim(tensors.get(wkey)) == 2 else 0
+  )
   side = math.isqrt(fan_in // maps)
   return num_classes, side if side and side * side * maps == fan_in else 6
 
@@ -130,9 +169,14 @@ def _check(tensors: Mapping, expected: dict[str, tuple], what: str) -> None:
   """A clear error listing every missing, extra and mis-shaped tensor."""
   missing = [k for k in expected if k not in tensors]
   extra = sorted(k for k in tensors if k not in expected)
-  wrong = [f"{k} {tuple(np.shape(tensors[k]))} (expected {expected[k]})"
-           for k in expected if k in tensors and tuple(np.shape(tensors[k])) != expected[k]]
-  problems = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
+  wrong = [
+    f"{k} {tuple(np.shape(tensors[k]))} (expected {expected[k]})"
+    for k in expected
+    if k in tensors and tuple(np.shape(tensors[k])) != expected[k]
+  ]
+  problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+    [f"extra {', '.join(extra)}"] if extra else []
+  )
   problems += [f"mis-shaped {', '.join(wrong)}"] if wrong else []
   if problems:
     raise UserInputError(f"{what} does not match the AlexNet it should hold: {'; '.join(problems)}")
@@ -157,21 +201,28 @@ def _export(params: Mapping, fmt: str) -> dict[str, np.ndarray]:
   merged, towers = _merge(params)
   variant = "torchvision" if fmt == "torchvision" else "paper"
   if (variant == "paper" and towers not in (1, 2)) or (variant == "torchvision" and towers != 1):
-    raise UserInputError(f"the parameters have {towers} tower(s): not a {variant!r} AlexNet, so not {fmt} weights")
+    raise UserInputError(
+      f"the parameters have {towers} tower(s): not a {variant!r} AlexNet, so not {fmt} weights"
+    )
   width = merged["conv5"][0].shape[-1] // towers
   fan_in = merged["fc6"][0].shape[0]
   side = math.isqrt(fan_in // (towers * width))
   ours = {f"{name}/{p}": params[name][p] for name in LAYERS for p in ("kernel", "bias")}
   shapes = param_shapes(make_arch(variant, towers), np.shape(params["fc8"]["bias"])[0], side)
-  _check(ours, {f"{n}/{p}": s for n, (k, b) in shapes.items() for p, s in (("kernel", k), ("bias", b))},
-         f"the parameters to export as {fmt}")
+  _check(
+    ours,
+    {f"{n}/{p}": s for n, (k, b) in shapes.items() for p, s in (("kernel", k), ("bias", b))},
+    f"the parameters to export as {fmt}",
+  )
   theirs = np.empty_like(merged["fc6"][0])
   theirs[_fc6_rows(towers, width, side, "chw")] = merged["fc6"][0]
   merged["fc6"] = (theirs, merged["fc6"][1])
   out = {}
   for name, (wkey, bkey) in _keys(fmt).items():
     w, b = merged[name]
-    out[wkey] = np.array(w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T, order="C")  # writable copies
+    out[wkey] = np.array(
+      w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T, order="C"
+    )  # writable copies
     out[bkey] = np.array(b)
   return out
 
@@ -184,7 +235,10 @@ def _scale_conv1(params: Params, factors: Sequence[float]) -> Params:
 
 # The public conversions.
 
-def from_torchvision(state_dict: Mapping[str, Any], input_std: Sequence[float] | None = None) -> Params:
+
+def from_torchvision(
+  state_dict: Mapping[str, Any], input_std: Sequence[float] | None = None
+) -> Params:
   """torchvision's AlexNet state dict as `AlexNet(variant="torchvision")` parameters.
 
   input_std: torchvision's per-channel input std in the units of the images the net will
@@ -192,10 +246,14 @@ def from_torchvision(state_dict: Mapping[str, Any], input_std: Sequence[float] |
   TORCHVISION_STD fits our pipeline (0-255 pixels minus the mean).
   """
   params = _import(state_dict, "torchvision", towers=1)
-  return params if input_std is None else _scale_conv1(params, 1.0 / np.asarray(input_std, np.float64))
+  return (
+    params if input_std is None else _scale_conv1(params, 1.0 / np.asarray(input_std, np.float64))
+  )
 
 
-def to_torchvision(params: Mapping, input_std: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+def to_torchvision(
+  params: Mapping, input_std: Sequence[float] | None = None
+) -> dict[str, np.ndarray]:
   """`variant="torchvision"` parameters as torchvision's state dict (numpy arrays); the
   inverse of `from_torchvision` with the same `input_std`."""
   params = {name: dict(layer) for name, layer in params.items()}
@@ -230,7 +288,9 @@ def from_caffe(layers: Mapping[str, Any], rgb: bool = False) -> Params:
     if isinstance(value, Mapping):
       value = [value.get("weights"), value.get("biases")]
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-      raise UserInputError(f"Caffe layer {name!r} holds {type(value).__name__}, not [weights, biases]")
+      raise UserInputError(
+        f"Caffe layer {name!r} holds {type(value).__name__}, not [weights, biases]"
+      )
     tensors[f"{name}.weights"], tensors[f"{name}.biases"] = value
   params = _import(tensors, "caffe", towers=2)
   if rgb:
@@ -246,11 +306,11 @@ def from_caffe_npy(path: str, rgb: bool = False) -> Params:
 # Files.
 
 _NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
+  ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+  ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+  ("numpy", "ndarray"): np.ndarray,
+  ("numpy", "dtype"): np.dtype,
+  ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
 }
 
 
@@ -270,7 +330,10 @@ class _ArraysOnly(pickle.Unpickler):
 
 def read_caffe_npy(path: str) -> dict:
   """The {layer: [weights, biases]} dict of a caffe-tensorflow .npy (written by Python 2 or 3)."""
-  readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+  readers = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+  }
   with open(path, "rb") as f:
     try:
       version = np.lib.format.read_magic(f)
@@ -278,17 +341,23 @@ def read_caffe_npy(path: str) -> dict:
     except (ValueError, KeyError) as e:
       raise UserInputError(f"{path} is not a .npy file numpy can read ({e})") from None
     if dtype != np.dtype(object) or shape != ():
-      raise UserInputError(f"{path} holds a {dtype} array of shape {shape}, not Caffe's pickled "
-                           "{layer: [weights, biases]} dict")
+      raise UserInputError(
+        f"{path} holds a {dtype} array of shape {shape}, not Caffe's pickled "
+        "{layer: [weights, biases]} dict"
+      )
     try:
       layers = _ArraysOnly(f, encoding="latin1").load().item()
     except _Refused as e:
-      raise UserInputError(f"refusing {path}: its pickle calls {e}, and a Caffe AlexNet .npy holds only numpy "
-                           "arrays, lists and dicts; nothing was loaded") from None
+      raise UserInputError(
+        f"refusing {path}: its pickle calls {e}, and a Caffe AlexNet .npy holds only numpy "
+        "arrays, lists and dicts; nothing was loaded"
+      ) from None
     except Exception as e:  # truncated or corrupt
       raise UserInputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
   if not isinstance(layers, dict):
-    raise UserInputError(f"{path} holds a {type(layers).__name__}, not Caffe's {{layer: [weights, biases]}} dict")
+    raise UserInputError(
+      f"{path} holds a {type(layers).__name__}, not Caffe's {{layer: [weights, biases]}} dict"
+    )
   return layers
 
 
@@ -300,9 +369,12 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
       tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's refusal of pickled code, or a corrupt file
-      raise UserInputError(f"{path} is not a state dict PyTorch loads with weights_only=True: "
-                           f"{str(e).splitlines()[0]}") from None
-    if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+      raise UserInputError(
+        f"{path} is not a state dict PyTorch loads with weights_only=True: {str(e).splitlines()[0]}"
+      ) from None
+    if not isinstance(tensors, Mapping) or not all(
+      isinstance(v, torch.Tensor) for v in tensors.values()
+    ):
       raise UserInputError(f"{path} holds a {type(tensors).__name__}, not a state dict of tensors")
     return {k: v.detach().float().numpy() for k, v in tensors.items()}
   if suffix == ".safetensors":
@@ -319,8 +391,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       raise UserInputError(f"refusing {path}: {e}") from None
     except (OSError, zipfile.BadZipFile) as e:
       raise UserInputError(f"cannot read {path} as .npz: {e}") from None
-  raise UserInputError(f"unknown weights format {suffix or path!r} of {path}; use a state dict "
-                       f"({', '.join(STATE_DICT_SUFFIXES)}) or Caffe's .npy")
+  raise UserInputError(
+    f"unknown weights format {suffix or path!r} of {path}; use a state dict "
+    f"({', '.join(STATE_DICT_SUFFIXES)}) or Caffe's .npy"
+  )
 
 
 def write_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> None:
@@ -329,19 +403,25 @@ def write_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> None:
     torch = _need("torch", path)
     torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
   elif suffix == ".safetensors":
-    _need("safetensors.numpy", path).save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+    _need("safetensors.numpy", path).save_file(
+      {k: np.ascontiguousarray(v) for k, v in tensors.items()}, path
+    )
   elif suffix == ".npz":
     np.savez(path, **tensors)
   else:
-    raise UserInputError(f"unknown weights format {suffix or path!r} of {path}; use {', '.join(STATE_DICT_SUFFIXES)}")
+    raise UserInputError(
+      f"unknown weights format {suffix or path!r} of {path}; use {', '.join(STATE_DICT_SUFFIXES)}"
+    )
 
 
 def _need(module: str, path: str) -> Any:
   try:
     return __import__(module, fromlist=["_"])
   except ImportError:
-    raise UserInputError(f"{path} needs the {module.split('.')[0]} package: pip install "
-                         f"{module.split('.')[0]}, or use a .npz state dict") from None
+    raise UserInputError(
+      f"{path} needs the {module.split('.')[0]} package: pip install "
+      f"{module.split('.')[0]}, or use a .npz state dict"
+    ) from None
 
 
 def state_dict_format(tensors: Mapping, path: str) -> str:
@@ -349,8 +429,10 @@ def state_dict_format(tensors: Mapping, path: str) -> str:
     return "torchvision"
   if _keys("torch_grouped")["conv1"][0] in tensors:
     return "torch_grouped"
-  raise UserInputError(f"{path} has neither torchvision's AlexNet keys (features.0.weight, ...) nor the grouped "
-                       f"net's (conv1.weight, ...); its keys start {sorted(tensors)[:4]}")
+  raise UserInputError(
+    f"{path} has neither torchvision's AlexNet keys (features.0.weight, ...) nor the grouped "
+    f"net's (conv1.weight, ...); its keys start {sorted(tensors)[:4]}"
+  )
 
 
 def read_pretrained(path: str) -> tuple[Params, str]:
@@ -367,6 +449,7 @@ def read_pretrained(path: str) -> tuple[Params, str]:
 
 # Command line.
 
+
 def import_weights(source: str, workdir: str, fmt: str | None = None) -> None:
   """Writes `source`'s weights as a step-0 checkpoint in workdir, as training writes them
   (a TrainState with fresh optimizer state) with the config they run with beside it
@@ -376,7 +459,12 @@ def import_weights(source: str, workdir: str, fmt: str | None = None) -> None:
 
   import jax
 
-  from alexnet_jax import checkpoints, pretrained, sharding, train  # train brings tf.data: only here
+  from alexnet_jax import (
+    checkpoints,
+    pretrained,
+    sharding,
+    train,
+  )  # train brings tf.data: only here
 
   params, found = read_pretrained(source)
   if fmt not in (None, found):
@@ -385,15 +473,25 @@ def import_weights(source: str, workdir: str, fmt: str | None = None) -> None:
     raise UserInputError(f"{workdir} already holds checkpoints; pass a fresh --output")
   config = importlib.import_module(f"configs.{_CONFIGS[found]}").get_config()
   config.num_classes = int(params["fc8"]["bias"].shape[0])
-  if config.model.variant == "paper":  # its fc6 follows the image size: take the size the weights fit
+  if (
+    config.model.variant == "paper"
+  ):  # its fc6 follows the image size: take the size the weights fit
     towers, fan_in = params["fc6"]["kernel"].shape[:2]
     config.model.towers = int(towers)
-    config.image_size = _image_size(make_arch("paper", towers), fan_in // (towers * params["conv5"]["kernel"].shape[-1]),
-                                    config.image_size)
+    config.image_size = _image_size(
+      make_arch("paper", towers),
+      fan_in // (towers * params["conv5"]["kernel"].shape[-1]),
+      config.image_size,
+    )
   config.init_from = os.path.abspath(source)  # where the weights came from
   mesh = sharding.make_mesh(config.model_parallelism)
-  state, _ = train._initial_state(train.create_model(config, mesh), train.create_optimizer(config, 1, 1),
-                                  config.image_size, config.seed, mesh)
+  state, _ = train._initial_state(
+    train.create_model(config, mesh),
+    train.create_optimizer(config, 1, 1),
+    config.image_size,
+    config.seed,
+    mesh,
+  )
   state = state.replace(params=pretrained.place(params, state.params, source))
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
   checkpoints.save(mgr, 0, state)
@@ -408,7 +506,9 @@ def _image_size(arch: Any, pool5_area: int, preferred: int) -> int:
   for side in [preferred] + list(range(67, 67 + 64 * pool5_area)):
     if feature_sides(arch, side, 3, 2)["pool5"] ** 2 == pool5_area:
       return side
-  raise UserInputError(f"no image size gives the {pool5_area} pool5 positions these weights' fc6 reads")
+  raise UserInputError(
+    f"no image size gives the {pool5_area} pool5 positions these weights' fc6 reads"
+  )
 
 
 def export_weights(source: str, path: str, fmt: str | None = None, step: int | None = None) -> str:
@@ -420,14 +520,19 @@ def export_weights(source: str, path: str, fmt: str | None = None, step: int | N
   params, _, _ = pretrained.read_checkpoint(source, step)
   fmt = fmt or ("torchvision" if np.shape(params["conv1"]["kernel"])[-1] == 64 else "torch_grouped")
   if fmt not in ("torchvision", "torch_grouped"):
-    raise UserInputError(f"cannot export to {fmt!r}; use --format=torchvision or --format=torch_grouped")
-  tensors = to_torchvision(params, TORCHVISION_STD) if fmt == "torchvision" else to_torch_grouped(params)
+    raise UserInputError(
+      f"cannot export to {fmt!r}; use --format=torchvision or --format=torch_grouped"
+    )
+  tensors = (
+    to_torchvision(params, TORCHVISION_STD) if fmt == "torchvision" else to_torch_grouped(params)
+  )
   write_state_dict(tensors, path)
   return fmt
 
 
 def main(argv: Sequence[str]) -> None:
   from absl import app, flags, logging
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax narrates every step at INFO
@@ -446,11 +551,27 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
-  flags.DEFINE_string("input", None, "A weights file to import (.pth, .pt, .safetensors, .npz, Caffe's .npy), "
-                      "or a workdir (checkpoint folder) of ours to export.", required=True)
-  flags.DEFINE_string("output", None, "Import: the workdir to write. Export: the state dict file to write "
-                      "(.pth, .pt, .safetensors, .npz).", required=True)
-  flags.DEFINE_enum("format", None, list(FORMATS), "Import: the format the file must hold (default: found from "
-                    "the file). Export: torchvision or torch_grouped (default: from the checkpoint's variant).")
+
+  flags.DEFINE_string(
+    "input",
+    None,
+    "A weights file to import (.pth, .pt, .safetensors, .npz, Caffe's .npy), "
+    "or a workdir (checkpoint folder) of ours to export.",
+    required=True,
+  )
+  flags.DEFINE_string(
+    "output",
+    None,
+    "Import: the workdir to write. Export: the state dict file to write "
+    "(.pth, .pt, .safetensors, .npz).",
+    required=True,
+  )
+  flags.DEFINE_enum(
+    "format",
+    None,
+    list(FORMATS),
+    "Import: the format the file must hold (default: found from "
+    "the file). Export: torchvision or torch_grouped (default: from the checkpoint's variant).",
+  )
   flags.DEFINE_integer("step", None, "Export: the checkpoint step (default: the latest).")
   app.run(main)

@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import augment, featurefile, input_pipeline, sharding, train
 from alexnet_jax.errors import UserInputError
@@ -44,8 +45,12 @@ def find_images(folder: str) -> list[str]:
   """Every .jpg/.jpeg/.png under folder, nested folders included, sorted."""
   if not os.path.isdir(folder):
     raise UserInputError(f"image folder {folder} does not exist")
-  paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
-                 if f.lower().endswith(input_pipeline.IMAGE_EXTENSIONS) and not f.startswith("."))
+  paths = sorted(
+    os.path.join(root, f)
+    for root, _, files in os.walk(folder)
+    for f in files
+    if f.lower().endswith(input_pipeline.IMAGE_EXTENSIONS) and not f.startswith(".")
+  )
   if not paths:
     raise UserInputError(f"no .jpg/.jpeg/.png images in {folder} (nested folders included)")
   return paths
@@ -53,17 +58,27 @@ def find_images(folder: str) -> list[str]:
 
 def readable(paths: Sequence[str], num_parallel_calls: int = -1) -> np.ndarray:
   """True where the file decodes as an image; checked first so that one bad file cannot stop a run."""
+
   def decodes(index, path):  # the shape is returned so that the decode is not pruned away
-    return index, tf.shape(tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False))
+    return index, tf.shape(
+      tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    )
 
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), np.asarray(paths, str)))
   ok = np.zeros(len(paths), bool)
-  for index, _ in ds.map(decodes, num_parallel_calls=num_parallel_calls).ignore_errors().batch(1024).as_numpy_iterator():
+  for index, _ in (
+    ds.map(decodes, num_parallel_calls=num_parallel_calls)
+    .ignore_errors()
+    .batch(1024)
+    .as_numpy_iterator()
+  ):
     ok[index] = True
   return ok
 
 
-def run_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, input_pipeline.Stats] | None:
+def run_data(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[Any, Any, input_pipeline.Stats] | None:
   """The run's (train, val, stats) as training read them, or None where its data is not on this machine."""
   try:
     return train.load_splits(config, os.path.abspath(workdir))
@@ -88,11 +103,17 @@ def _predictor(model: AlexNet, k: int):
     logits, state = model.apply({"params": params}, images, mutable=["intermediates"])
     prob, index = jax.lax.top_k(jax.nn.softmax(logits), k)
     return state["intermediates"]["features"]["fc7"].astype(jnp.float32), index, prob
+
   return jax.jit(predict)
 
 
-def extract(restored: Restored, images: input_pipeline.Split | input_pipeline.Shards, stats: input_pipeline.Stats,
-            output: str, batch_size: int = 128) -> int:
+def extract(
+  restored: Restored,
+  images: input_pipeline.Split | input_pipeline.Shards,
+  stats: input_pipeline.Stats,
+  output: str,
+  batch_size: int = 128,
+) -> int:
   """Writes the features file `output` (see featurefile) for every image of `images`; returns the count.
 
   Images go through evaluation's own pipeline (`input_pipeline.eval_batches`, centre crop).
@@ -100,16 +121,23 @@ def extract(restored: Restored, images: input_pipeline.Split | input_pipeline.Sh
   """
   data_size = restored.mesh.shape["data"]
   if batch_size < 1 or batch_size % data_size:
-    raise UserInputError(f"batch_size={batch_size} does not divide over the {data_size} devices; "
-                         f"use a multiple of {data_size}")
+    raise UserInputError(
+      f"batch_size={batch_size} does not divide over the {data_size} devices; "
+      f"use a multiple of {data_size}"
+    )
   config, arch = restored.config, restored.model.arch
   k = min(TOP_K, config.num_classes)
   names, n = _row_names(images), len(images)
   predict, put = _predictor(restored.model, k), sharding.batch_sharding(restored.mesh)
   mean_image = jax.device_put(stats.mean_image, NamedSharding(restored.mesh, P()))
-  batches = input_pipeline.eval_batches(images, batch_size=batch_size, image_size=config.image_size,
-                                        resize_size=config.resize_size, crops=1,
-                                        num_parallel_calls=config.num_parallel_calls)
+  batches = input_pipeline.eval_batches(
+    images,
+    batch_size=batch_size,
+    image_size=config.image_size,
+    resize_size=config.resize_size,
+    crops=1,
+    num_parallel_calls=config.num_parallel_calls,
+  )
   writer = featurefile.Writer(output, n, arch.fc_widths[1] * arch.towers, k)
   start = last_log = time.monotonic()
 
@@ -117,15 +145,21 @@ def extract(restored: Restored, images: input_pipeline.Split | input_pipeline.Sh
     nonlocal last_log
     m = int(batch["mask"].sum())  # real images come first; padding is masked
     fc7, top_index, top_prob = (np.asarray(a)[:m] for a in jax.device_get(out))
-    writer.append(fc7, top_index, top_prob, names[writer.count:writer.count + m], batch["label"][:m])
+    writer.append(
+      fc7, top_index, top_prob, names[writer.count : writer.count + m], batch["label"][:m]
+    )
     if time.monotonic() - last_log > 10 or writer.count == n:
       last_log = time.monotonic()
-      logging.info("extracted %d/%d images (%.1f images/s)", writer.count, n, writer.count / (last_log - start))
+      logging.info(
+        "extracted %d/%d images (%.1f images/s)", writer.count, n, writer.count / (last_log - start)
+      )
 
   try:
     pending = None
     for batch in batches:
-      out = predict(restored.params, jax.device_put({key: batch[key] for key in _INPUTS}, put), mean_image)
+      out = predict(
+        restored.params, jax.device_put({key: batch[key] for key in _INPUTS}, put), mean_image
+      )
       if pending is not None:
         write(*pending)  # waits for the previous batch while this one runs
       pending = (batch, out)
@@ -136,7 +170,9 @@ def extract(restored: Restored, images: input_pipeline.Split | input_pipeline.Sh
   return n
 
 
-def extract_folder(restored: Restored, workdir: str, folder: str, output: str, batch_size: int = 128) -> Report:
+def extract_folder(
+  restored: Restored, workdir: str, folder: str, output: str, batch_size: int = 128
+) -> Report:
   """Features of every readable image under folder; unreadable ones are reported and skipped.
 
   The mean subtracted is the one the run trained with (saved in its workdir); class names
@@ -148,15 +184,23 @@ def extract_folder(restored: Restored, workdir: str, folder: str, output: str, b
   for path in skipped:
     logging.warning("skipped unreadable image %s", path)
   if not ok.any():
-    raise UserInputError(f"none of the {len(paths)} images in {folder} could be read as JPEG or PNG")
+    raise UserInputError(
+      f"none of the {len(paths)} images in {folder} could be read as JPEG or PNG"
+    )
   data = run_data(restored.config, workdir)
-  stats = input_pipeline.load_stats(workdir, restored.config.resize_size, restored.config.channel_mean)
+  stats = input_pipeline.load_stats(
+    workdir, restored.config.resize_size, restored.config.channel_mean
+  )
   kept = [p for p, good in zip(paths, ok) if good]
-  images = input_pipeline.Split(tuple(kept), np.full(len(kept), -1, np.int32), data[0].classes if data else ())
+  images = input_pipeline.Split(
+    tuple(kept), np.full(len(kept), -1, np.int32), data[0].classes if data else ()
+  )
   return Report(extract(restored, images, stats, output, batch_size), skipped)
 
 
-def extract_split(restored: Restored, workdir: str, split: str, output: str, batch_size: int = 128) -> Report:
+def extract_split(
+  restored: Restored, workdir: str, split: str, output: str, batch_size: int = 128
+) -> Report:
   """Features of the run's own train or val split, with their labels."""
   data = train.load_splits(restored.config, os.path.abspath(workdir))
   images = data[("train", "val").index(split)]
@@ -166,8 +210,12 @@ def extract_split(restored: Restored, workdir: str, split: str, output: str, bat
 def _define_flags() -> None:
   """CLI flags, defined only when run as a script: the module is also a library other CLIs import."""
   flags.DEFINE_string("workdir", None, "The training run's workdir (checkpoints/ and config.json).")
-  flags.DEFINE_string("images", None, "A folder of .jpg/.jpeg/.png images, nested folders included.")
-  flags.DEFINE_enum("split", None, ["train", "val"], "A split of the run's own dataset, instead of --images.")
+  flags.DEFINE_string(
+    "images", None, "A folder of .jpg/.jpeg/.png images, nested folders included."
+  )
+  flags.DEFINE_enum(
+    "split", None, ["train", "val"], "A split of the run's own dataset, instead of --images."
+  )
   flags.DEFINE_string("output", None, "The features file to write (.npz).")
   flags.DEFINE_integer("step", None, "The checkpoint's step (default: the latest).")
   flags.DEFINE_integer("batch_size", 128, "Images per batch, over all devices.")
@@ -180,16 +228,26 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   try:
     if not f.workdir or not f.output or (f.images is None) == (f.split is None):
-      raise UserInputError("pass --workdir, --output and one of --images=FOLDER or --split=train|val")
+      raise UserInputError(
+        "pass --workdir, --output and one of --images=FOLDER or --split=train|val"
+      )
     restored = restore(f.workdir, f.step, variant=f.variant)
-    logging.info("extracting with the checkpoint at step %d on a %s mesh", restored.step, dict(restored.mesh.shape))
+    logging.info(
+      "extracting with the checkpoint at step %d on a %s mesh",
+      restored.step,
+      dict(restored.mesh.shape),
+    )
     if f.images is not None:
       report = extract_folder(restored, f.workdir, f.images, f.output, f.batch_size)
     else:
       report = extract_split(restored, f.workdir, f.split, f.output, f.batch_size)
   except UserInputError as e:
     sys.exit(f"error: {e}")
-  skipped = f"; skipped {len(report.skipped)} unreadable: {', '.join(report.skipped)}" if report.skipped else ""
+  skipped = (
+    f"; skipped {len(report.skipped)} unreadable: {', '.join(report.skipped)}"
+    if report.skipped
+    else ""
+  )
   print(f"wrote {report.count} images to {f.output}{skipped}")
 
 

@@ -32,22 +32,42 @@ class Writer:
     self.path = path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self._rows_path = path + ".fc7.partial.npy"
-    self._fc7 = np.lib.format.open_memmap(self._rows_path, mode="w+", dtype=np.float32, shape=(max_rows, dim))
-    self._small = {key: [np.zeros((0, k) if key.startswith("top5") else (0,), dtype)]  # typed, for 0 rows
-                   for key, dtype in _ROW_DTYPES.items()}
+    self._fc7 = np.lib.format.open_memmap(
+      self._rows_path, mode="w+", dtype=np.float32, shape=(max_rows, dim)
+    )
+    self._small = {
+      key: [np.zeros((0, k) if key.startswith("top5") else (0,), dtype)]  # typed, for 0 rows
+      for key, dtype in _ROW_DTYPES.items()
+    }
     self.count = 0
 
-  def append(self, fc7: np.ndarray, top5_index: np.ndarray, top5_prob: np.ndarray, paths: Sequence[str],
-             labels: np.ndarray) -> None:
-    self._fc7[self.count:self.count + len(fc7)] = fc7
+  def append(
+    self,
+    fc7: np.ndarray,
+    top5_index: np.ndarray,
+    top5_prob: np.ndarray,
+    paths: Sequence[str],
+    labels: np.ndarray,
+  ) -> None:
+    self._fc7[self.count : self.count + len(fc7)] = fc7
     self.count += len(fc7)
-    for key, value in (("top5_index", top5_index), ("top5_prob", top5_prob), ("path", paths), ("label", labels)):
+    for key, value in (
+      ("top5_index", top5_index),
+      ("top5_prob", top5_prob),
+      ("path", paths),
+      ("label", labels),
+    ):
       self._small[key].append(np.asarray(value, _ROW_DTYPES[key]))
 
   def close(self, classes: Sequence[str] | None, step: int) -> None:
     try:
-      np.savez(self.path, fc7=self._fc7[:self.count], **{k: np.concatenate(v) for k, v in self._small.items()},
-               classes=np.asarray(tuple(classes or ()), str), step=np.int64(step))
+      np.savez(
+        self.path,
+        fc7=self._fc7[: self.count],
+        **{k: np.concatenate(v) for k, v in self._small.items()},
+        classes=np.asarray(tuple(classes or ()), str),
+        step=np.int64(step),
+      )
     finally:
       self.discard()
 
@@ -61,10 +81,14 @@ class Writer:
 def read(path: str) -> dict[str, np.ndarray]:
   """Every array of a features file; `fc7` memory-mapped (read from disk as it is used)."""
   if not os.path.isfile(path):
-    raise UserInputError(f"features file {path} does not exist: write it with python -m alexnet_jax.extract")
+    raise UserInputError(
+      f"features file {path} does not exist: write it with python -m alexnet_jax.extract"
+    )
   with np.load(path) as data:
     if "fc7" not in data.files:
-      raise UserInputError(f"{path} is not a features file (no 'fc7'): write it with python -m alexnet_jax.extract")
+      raise UserInputError(
+        f"{path} is not a features file (no 'fc7'): write it with python -m alexnet_jax.extract"
+      )
     out = {k: data[k] for k in data.files if k != "fc7"}
   out["fc7"] = _memmap_member(path, "fc7.npy")
   return out
@@ -75,15 +99,23 @@ def _memmap_member(path: str, name: str) -> np.ndarray:
   with zipfile.ZipFile(path) as zf:
     info = zf.getinfo(name)
   if info.compress_type != zipfile.ZIP_STORED:
-    raise UserInputError(f"{path} is compressed; features files are written uncompressed (numpy.savez)")
+    raise UserInputError(
+      f"{path} is compressed; features files are written uncompressed (numpy.savez)"
+    )
   with open(path, "rb") as f:
     f.seek(info.header_offset)
     name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # the local file header
     f.seek(info.header_offset + 30 + name_len + extra_len)
     version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    read_header = (
+      np.lib.format.read_array_header_1_0
+      if version == (1, 0)
+      else np.lib.format.read_array_header_2_0
+    )
     shape, fortran, dtype = read_header(f)
     offset = f.tell()
   if 0 in shape:
     return np.zeros(shape, dtype)
-  return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+  return np.memmap(
+    path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+  )

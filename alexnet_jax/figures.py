@@ -15,7 +15,9 @@ from matplotlib.figure import Figure  # not pyplot: no global figure state, no G
 from PIL import Image
 
 
-def kernel_grid(kernel: np.ndarray, columns: int = 16, scale: int = 4, gap: int = 1, tower_gap: int = 6) -> np.ndarray:
+def kernel_grid(
+  kernel: np.ndarray, columns: int = 16, scale: int = 4, gap: int = 1, tower_gap: int = 6
+) -> np.ndarray:
   """conv1's kernels (towers, k, k, 3, n) as one RGB uint8 image, like the paper's Figure 3.
 
   Each tower's n kernels fill rows of `columns`; the towers' blocks stand one above the
@@ -34,7 +36,7 @@ def kernel_grid(kernel: np.ndarray, columns: int = 16, scale: int = 4, gap: int 
       tile = np.kron(w, np.ones((scale, scale, 1)))
       r, c = t * rows + i // columns, i % columns
       y, x = gap + r * (cell + gap) + t * tower_gap, gap + c * (cell + gap)
-      grid[y:y + cell, x:x + cell] = np.round(255 * tile)
+      grid[y : y + cell, x : x + cell] = np.round(255 * tile)
   return grid
 
 
@@ -51,7 +53,9 @@ def load_image(path: str, side: int = 128) -> np.ndarray:
     image = image.convert("RGB")
     s = min(image.size)
     left, top = (image.width - s) // 2, (image.height - s) // 2
-    return np.asarray(image.crop((left, top, left + s, top + s)).resize((side, side), Image.BILINEAR))
+    return np.asarray(
+      image.crop((left, top, left + s, top + s)).resize((side, side), Image.BILINEAR)
+    )
 
 
 def _save(fig: Figure, path: str | None) -> Figure:
@@ -60,8 +64,14 @@ def _save(fig: Figure, path: str | None) -> Figure:
   return fig
 
 
-def predictions(images: Sequence[np.ndarray], top_names: Sequence[Sequence[str]], top_probs: np.ndarray,
-                true_names: Sequence[str] | None = None, path: str | None = None, dpi: int = 100) -> Figure:
+def predictions(
+  images: Sequence[np.ndarray],
+  top_names: Sequence[Sequence[str]],
+  top_probs: np.ndarray,
+  true_names: Sequence[str] | None = None,
+  path: str | None = None,
+  dpi: int = 100,
+) -> Figure:
   """Figure 4 (left): each image above its top-k labels and their probabilities as bars;
   the bar of the true label, when it is among them, in red as in the paper."""
   n = len(images)
@@ -74,7 +84,10 @@ def predictions(images: Sequence[np.ndarray], top_names: Sequence[Sequence[str]]
     if true_names is not None:
       image_ax.set_title(true_names[j], fontsize=9)
     names, probs = list(top_names[j]), np.asarray(top_probs[j])
-    colours = ["tab:red" if true_names is not None and name == true_names[j] else "tab:blue" for name in names]
+    colours = [
+      "tab:red" if true_names is not None and name == true_names[j] else "tab:blue"
+      for name in names
+    ]
     ypos = np.arange(len(names))[::-1]
     bar_ax.barh(ypos, probs, color=colours)
     for y, name in zip(ypos, names):
@@ -86,8 +99,12 @@ def predictions(images: Sequence[np.ndarray], top_names: Sequence[Sequence[str]]
   return _save(fig, path)
 
 
-def neighbours(query_images: Sequence[np.ndarray], neighbour_images: Sequence[Sequence[np.ndarray]],
-               path: str | None = None, dpi: int = 100) -> Figure:
+def neighbours(
+  query_images: Sequence[np.ndarray],
+  neighbour_images: Sequence[Sequence[np.ndarray]],
+  path: str | None = None,
+  dpi: int = 100,
+) -> Figure:
   """Figure 4 (right): each query image (first column) beside its nearest training images."""
   rows, k = len(query_images), len(neighbour_images[0])
   fig = Figure(figsize=(1.2 * (k + 1), 1.2 * rows), dpi=dpi)
@@ -103,7 +120,9 @@ def neighbours(query_images: Sequence[np.ndarray], neighbour_images: Sequence[Se
   axes[0, 0].set_title("query", fontsize=8)
   for c in range(1, k + 1):
     axes[0, c].set_title(f"#{c}", fontsize=8)
-  fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.25 / rows, bottom=0.01, wspace=0.05, hspace=0.05)
+  fig.subplots_adjust(
+    left=0.01, right=0.99, top=1 - 0.25 / rows, bottom=0.01, wspace=0.05, hspace=0.05
+  )
   return _save(fig, path)
 
 
@@ -140,16 +159,32 @@ def _names(features: dict, indices: Sequence[int]) -> list[str]:
   return [str(classes[i]) if len(classes) else str(i) for i in indices]
 
 
-def predictions_of(features: dict, rows: Sequence[int], path: str | None = None, side: int = 128) -> Figure:
+def predictions_of(
+  features: dict, rows: Sequence[int], path: str | None = None, side: int = 128
+) -> Figure:
   """Figure 4 (left) for rows of a features file (featurefile.read): its images, top-5 and labels."""
   labels = features["label"][rows]
   true = _names(features, labels) if np.all(labels >= 0) else None
-  return predictions([load_image(features["path"][r], side) for r in rows],
-                     [_names(features, features["top5_index"][r]) for r in rows], features["top5_prob"][rows], true, path)
+  return predictions(
+    [load_image(features["path"][r], side) for r in rows],
+    [_names(features, features["top5_index"][r]) for r in rows],
+    features["top5_prob"][rows],
+    true,
+    path,
+  )
 
 
-def neighbours_of(queries: dict, database: dict, rows: Sequence[int], index: np.ndarray, path: str | None = None,
-                  side: int = 96) -> Figure:
+def neighbours_of(
+  queries: dict,
+  database: dict,
+  rows: Sequence[int],
+  index: np.ndarray,
+  path: str | None = None,
+  side: int = 96,
+) -> Figure:
   """Figure 4 (right) for rows of a query features file and their neighbours' rows `index` in a database file."""
-  return neighbours([load_image(queries["path"][r], side) for r in rows],
-                    [[load_image(database["path"][j], side) for j in row] for row in index], path)
+  return neighbours(
+    [load_image(queries["path"][r], side) for r in rows],
+    [[load_image(database["path"][j], side) for j in row] for row in index],
+    path,
+  )

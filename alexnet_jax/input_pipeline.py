@@ -27,6 +27,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 @dataclasses.dataclass(frozen=True)
 class Split:
   """The files of one split, their labels and the class names the labels index."""
+
   paths: tuple[str, ...]
   labels: np.ndarray
   classes: tuple[str, ...]
@@ -40,26 +41,35 @@ def _class_folders(split_dir: str) -> list[str]:
 
 
 def _images_in(folder: str) -> list[str]:
-  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+  return sorted(
+    os.path.join(folder, f)
+    for f in os.listdir(folder)
+    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+  )
 
 
 def read_split(data_dir: str, split: str, classes: Sequence[str] | None = None) -> Split:
   """Lists DIR/split/<class>/* (JPEG, PNG). Class names sorted give the labels, from train."""
   split_dir = os.path.join(data_dir, split)
   if not os.path.isdir(split_dir):
-    raise UserInputError(f"no {split!r} folder in data_dir {data_dir!r}: expected {split_dir}/<class>/<image>.jpg; "
-                     "set --config.data_dir to a folder with train/ and val/ class folders")
+    raise UserInputError(
+      f"no {split!r} folder in data_dir {data_dir!r}: expected {split_dir}/<class>/<image>.jpg; "
+      "set --config.data_dir to a folder with train/ and val/ class folders"
+    )
   found = _class_folders(split_dir)
   if not found:
-    raise UserInputError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
+    raise UserInputError(
+      f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/"
+    )
   if classes is None:
     classes = tuple(found)
   else:
     unknown = sorted(set(found) - set(classes))
     if unknown:
-      raise UserInputError(f"class folder(s) {unknown[:5]} in {split_dir} are not in train/: "
-                       "every val class needs a train folder of the same name")
+      raise UserInputError(
+        f"class folder(s) {unknown[:5]} in {split_dir} are not in train/: "
+        "every val class needs a train folder of the same name"
+      )
   index = {name: i for i, name in enumerate(classes)}
   paths, labels = [], []
   for name in found:
@@ -67,15 +77,19 @@ def read_split(data_dir: str, split: str, classes: Sequence[str] | None = None) 
     paths += files
     labels += [index[name]] * len(files)
   if not paths:
-    raise UserInputError(f"no .jpg/.jpeg/.png images under {split_dir}/<class>/: the split is empty")
+    raise UserInputError(
+      f"no .jpg/.jpeg/.png images under {split_dir}/<class>/: the split is empty"
+    )
   return Split(tuple(paths), np.asarray(labels, np.int32), tuple(classes))
 
 
 def read_image_folder(data_dir: str) -> tuple[Split, Split]:
   """The train and val splits of an image-folder dataset, checked before any work starts."""
   if not data_dir or not os.path.isdir(data_dir):
-    raise UserInputError(f"data_dir {data_dir!r} does not exist: pass --config.data_dir=DIR with DIR/train/<class>/* "
-                     "and DIR/val/<class>/*")
+    raise UserInputError(
+      f"data_dir {data_dir!r} does not exist: pass --config.data_dir=DIR with DIR/train/<class>/* "
+      "and DIR/val/<class>/*"
+    )
   train = read_split(data_dir, "train")
   return train, read_split(data_dir, "val", train.classes)
 
@@ -95,14 +109,22 @@ def _decode_and_rescale(path: tf.Tensor, resize_size: int) -> tf.Tensor:
 # The widely used ImageNet colour statistics (fb.resnet.torch; pixels in [0, 1]): the
 # eigenvalues of the RGB covariance and its eigenvectors as columns.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
-_FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+IMAGENET_EIGVEC = (
+  (-0.5675, 0.7192, 0.4009),
+  (-0.5808, -0.0045, -0.8140),
+  (-0.5836, -0.6948, 0.4203),
+)
+_FEATURES = {
+  "image": tf.io.FixedLenFeature([], tf.string),
+  "label": tf.io.FixedLenFeature([], tf.int64),
+}
 SHARD_INFO, SHARD_STATS = "dataset_info.json", "stats.npz"
 
 
 @dataclasses.dataclass(frozen=True)
 class Shards:
   """A split written by `alexnet_jax.prepare`: ArrayRecord shards of side x side JPEG examples."""
+
   files: tuple[str, ...]
   size: int
   classes: tuple[str, ...]
@@ -116,6 +138,7 @@ class Shards:
 class Stats:
   """What training subtracts and how it jitters colour: a (side, side, 3) mean image in 0-255,
   and the eigenvalues/eigenvectors (columns) of the covariance of [0, 1] RGB values."""
+
   mean_image: np.ndarray
   eigval: np.ndarray
   eigvec: np.ndarray
@@ -126,9 +149,10 @@ def read_prepared(data_dir: str) -> tuple[Shards, Shards]:
   path = os.path.join(data_dir or "", SHARD_INFO)
   if not os.path.exists(path):
     raise UserInputError(
-        f"no prepared dataset at data_dir={data_dir!r} ({SHARD_INFO} missing): download ILSVRC2012_img_train.tar "
-        "and ILSVRC2012_img_val.tar from image-net.org into DIR, run `python -m alexnet_jax.prepare "
-        "--manual_dir=DIR --data_dir=OUT`, then pass --config.data_dir=OUT")
+      f"no prepared dataset at data_dir={data_dir!r} ({SHARD_INFO} missing): download ILSVRC2012_img_train.tar "
+      "and ILSVRC2012_img_val.tar from image-net.org into DIR, run `python -m alexnet_jax.prepare "
+      "--manual_dir=DIR --data_dir=OUT`, then pass --config.data_dir=OUT"
+    )
   with open(path) as f:
     info = json.load(f)
   splits = []
@@ -136,13 +160,19 @@ def read_prepared(data_dir: str) -> tuple[Shards, Shards]:
     files = tuple(os.path.join(data_dir, name, f) for f in info["splits"][name]["files"])
     missing = [f for f in files if not os.path.exists(f)]
     if missing or not files:
-      raise UserInputError(f"prepared {name} shards missing in {data_dir}: {missing[:3] or 'none listed'}; "
-                           "rerun `python -m alexnet_jax.prepare` to finish them")
-    splits.append(Shards(files, info["splits"][name]["num_images"], tuple(info["classes"]), info["image_side"]))
+      raise UserInputError(
+        f"prepared {name} shards missing in {data_dir}: {missing[:3] or 'none listed'}; "
+        "rerun `python -m alexnet_jax.prepare` to finish them"
+      )
+    splits.append(
+      Shards(files, info["splits"][name]["num_images"], tuple(info["classes"]), info["image_side"])
+    )
   return splits[0], splits[1]
 
 
-def load_stats(data_dir: str, side: int, channel_mean: Sequence[float], per_pixel: bool = True) -> Stats:
+def load_stats(
+  data_dir: str, side: int, channel_mean: Sequence[float], per_pixel: bool = True
+) -> Stats:
   """data_dir/stats.npz when `prepare` wrote one, else the ImageNet constants.
 
   per_pixel: subtract the mean image (the paper); otherwise its per-channel mean. Without
@@ -153,14 +183,20 @@ def load_stats(data_dir: str, side: int, channel_mean: Sequence[float], per_pixe
     with np.load(path) as f:
       mean_image, eigval, eigvec = f["mean_image"], f["eigval"], f["eigvec"]
     if mean_image.shape != (side, side, 3):
-      raise UserInputError(f"{path} holds a {mean_image.shape[0]}-pixel mean image but resize_size={side}; "
-                           f"set --config.resize_size={mean_image.shape[0]}")
+      raise UserInputError(
+        f"{path} holds a {mean_image.shape[0]}-pixel mean image but resize_size={side}; "
+        f"set --config.resize_size={mean_image.shape[0]}"
+      )
   else:
     mean_image = np.broadcast_to(np.asarray(channel_mean, np.float32), (side, side, 3))
     eigval, eigvec = np.asarray(IMAGENET_EIGVAL), np.asarray(IMAGENET_EIGVEC)
   if not per_pixel:
     mean_image = np.broadcast_to(mean_image.reshape(-1, 3).mean(0), (side, side, 3))
-  return Stats(np.asarray(mean_image, np.float32), np.asarray(eigval, np.float32), np.asarray(eigvec, np.float32))
+  return Stats(
+    np.asarray(mean_image, np.float32),
+    np.asarray(eigval, np.float32),
+    np.asarray(eigvec, np.float32),
+  )
 
 
 def save_stats(directory: str, stats: Stats) -> None:
@@ -183,6 +219,7 @@ def _readers(split: Split | Shards, resize_size: int):
   """
   if isinstance(split, Shards):
     from array_record.python.array_record_data_source import ArrayRecordDataSource
+
     source = ArrayRecordDataSource(list(split.files))
 
     def record(i):
@@ -209,9 +246,10 @@ def _readers(split: Split | Shards, resize_size: int):
 
     def window(i, y, x, size):
       image, label = whole(i)
-      crop = image[y:y + size, x:x + size]
+      crop = image[y : y + size, x : x + size]
       crop.set_shape((size, size, 3))
       return crop, label
+
   return whole, window
 
 
@@ -220,9 +258,20 @@ def pca_colour(alpha: tf.Tensor, stats: Stats) -> tf.Tensor:
   return 255.0 * tf.linalg.matvec(tf.constant(stats.eigvec), alpha * tf.constant(stats.eigval))
 
 
-def train_batches(split: Split | Shards, *, batch_size: int, image_size: int, resize_size: int, stats: Stats,
-                  seed: int, pca_std: float = 0.1, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, num_parallel_calls: int = -1) -> Iterator[dict]:
+def train_batches(
+  split: Split | Shards,
+  *,
+  batch_size: int,
+  image_size: int,
+  resize_size: int,
+  stats: Stats,
+  seed: int,
+  pca_std: float = 0.1,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_parallel_calls: int = -1,
+) -> Iterator[dict]:
   """Endless training batches for this process.
 
   Each batch holds the random image_size crops of the side x side images as uint8
@@ -242,36 +291,61 @@ def train_batches(split: Split | Shards, *, batch_size: int, image_size: int, re
   global_batch = batch_size * process_count
   steps = n // global_batch  # per epoch; the remainder of each permutation is dropped
   if steps < 1:
-    raise UserInputError(f"the train split has {n} images, fewer than one global batch of {global_batch}; "
-                         "lower --config.batch_size or add images")
+    raise UserInputError(
+      f"the train split has {n} images, fewer than one global batch of {global_batch}; "
+      "lower --config.batch_size or add images"
+    )
   _, window = _readers(split, resize_size)
   seed = tf.constant(seed, tf.int64)
-  mine = (tf.range(steps, dtype=tf.int64)[:, None] * global_batch + process_index * batch_size
-          + tf.range(batch_size, dtype=tf.int64)[None, :])
+  mine = (
+    tf.range(steps, dtype=tf.int64)[:, None] * global_batch
+    + process_index * batch_size
+    + tf.range(batch_size, dtype=tf.int64)[None, :]
+  )
   mine = tf.reshape(mine, [-1])  # this process's rows of every global batch of an epoch
 
   def epoch(e):
     """Epoch e's permutation and random draws, made for the whole split at once and then
     cut by position: any process count sees the same global batches."""
-    perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed, e]))
+    perm = tf.random.experimental.stateless_shuffle(
+      tf.range(n, dtype=tf.int64), seed=tf.stack([seed, e])
+    )
     s = tf.unstack(tf.random.experimental.stateless_split(tf.stack([seed, e]), 4))
     y = tf.random.stateless_uniform([n], s[0], 0, side - image_size + 1, tf.int32)
     x = tf.random.stateless_uniform([n], s[1], 0, side - image_size + 1, tf.int32)
     flip = tf.random.stateless_uniform([n], s[2]) < 0.5
     colour = pca_colour(pca_std * tf.random.stateless_normal([n, 3], s[3]), stats)
     pick = lambda a: tf.gather(a, mine)
-    return tf.data.Dataset.from_tensor_slices((pick(perm), pick(tf.stack([y, x], 1)), pick(flip), pick(colour)))
+    return tf.data.Dataset.from_tensor_slices(
+      (pick(perm), pick(tf.stack([y, x], 1)), pick(flip), pick(colour))
+    )
 
   def load(ordinal, drawn):
     index, offset, flip, colour = drawn
     crop, label = window(index, offset[0], offset[1], image_size)
-    return {"image": crop, "label": label, "offset": offset, "flip": flip, "colour": colour, "ordinal": ordinal}
+    return {
+      "image": crop,
+      "label": label,
+      "offset": offset,
+      "flip": flip,
+      "colour": colour,
+      "ordinal": ordinal,
+    }
 
   per_epoch = steps * batch_size
   first = start_step * batch_size
-  ds = tf.data.Dataset.range(first // per_epoch, 1 << 40).flat_map(epoch).skip(first % per_epoch).enumerate(first)
-  ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True).ignore_errors(log_warning=True)
-  return SkipCounter(ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator(), first)
+  ds = (
+    tf.data.Dataset.range(first // per_epoch, 1 << 40)
+    .flat_map(epoch)
+    .skip(first % per_epoch)
+    .enumerate(first)
+  )
+  ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True).ignore_errors(
+    log_warning=True
+  )
+  return SkipCounter(
+    ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator(), first
+  )
 
 
 class SkipCounter:
@@ -306,9 +380,17 @@ def eval_windows(side: int, size: int, crops: int) -> list[tuple[int, int, bool]
   raise UserInputError(f"eval_crops={crops}; use 1 (centre) or 10 (the paper's ten patches)")
 
 
-def eval_batches(split: Split | Shards, *, batch_size: int, image_size: int, resize_size: int,
-                 crops: int = 1, process_index: int = 0, process_count: int = 1,
-                 num_parallel_calls: int = -1) -> Iterator[dict]:
+def eval_batches(
+  split: Split | Shards,
+  *,
+  batch_size: int,
+  image_size: int,
+  resize_size: int,
+  crops: int = 1,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_parallel_calls: int = -1,
+) -> Iterator[dict]:
   """The whole split once, padded to full batches; 'mask' is 0 on padding.
 
   'image' is uint8 (batch, H, W, 3) for one crop, (batch, 10, H, W, 3) for ten, with each
@@ -329,12 +411,16 @@ def eval_batches(split: Split | Shards, *, batch_size: int, image_size: int, res
 
   def load(i, m):
     if len(windows) == 1:
-      (y, x, _), = windows
+      ((y, x, _),) = windows
       image, label = window(i, y, x, image_size)
       return {"image": image, "label": label, "offset": offsets[0], "flip": flips[0], "mask": m}
     image, label = whole(i)
-    patches = tf.stack([tf.ensure_shape(image[y:y + image_size, x:x + image_size], (image_size, image_size, 3))
-                        for y, x, _ in windows])
+    patches = tf.stack(
+      [
+        tf.ensure_shape(image[y : y + image_size, x : x + image_size], (image_size, image_size, 3))
+        for y, x, _ in windows
+      ]
+    )
     return {"image": patches, "label": label, "offset": offsets, "flip": flips, "mask": m}
 
   ds = tf.data.Dataset.from_tensor_slices((index, mask))

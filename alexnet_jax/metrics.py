@@ -27,6 +27,7 @@ class MetricWriter:
     self._tb = None
     if enabled:
       import tensorflow as tf  # the data path has already imported it; the model path never does
+
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
@@ -91,6 +92,13 @@ class Progress:
     if not self.enabled:
       return
     eta = (self.total - step) / max(self._steps_per_sec, 1e-9)
-    logging.info("step %d/%d | loss %.4f | top-1 err %.2f%% | lr %.2e | %.1f img/s | ETA %s", step, self.total,
-                 metrics["train/loss"], 100 * metrics["train/top1_error"], metrics["learning_rate"],
-                 metrics["images_per_sec"], _duration(eta))
+    logging.info(
+      "step %d/%d | loss %.4f | top-1 err %.2f%% | lr %.2e | %.1f img/s | ETA %s",
+      step,
+      self.total,
+      metrics["train/loss"],
+      100 * metrics["train/top1_error"],
+      metrics["learning_rate"],
+      metrics["images_per_sec"],
+      _duration(eta),
+    )

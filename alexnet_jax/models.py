@@ -17,7 +17,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import ops
 
@@ -25,8 +26,13 @@ CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 FC_LAYERS = ("fc6", "fc7")
 TOWER_LAYERS = CONV_LAYERS + FC_LAYERS
 # (kernel size, stride, padding) of each conv; conv1's padding comes from the Arch.
-_CONV_GEOMETRY = {"conv1": (11, 4, None), "conv2": (5, 1, 2), "conv3": (3, 1, 1),
-                  "conv4": (3, 1, 1), "conv5": (3, 1, 1)}
+_CONV_GEOMETRY = {
+  "conv1": (11, 4, None),
+  "conv2": (5, 1, 2),
+  "conv3": (3, 1, 1),
+  "conv4": (3, 1, 1),
+  "conv5": (3, 1, 1),
+}
 _POOLED = ("conv1", "conv2", "conv5")
 _LRN_LAYERS = ("conv1", "conv2")
 VARIANTS = ("paper", "torchvision")
@@ -34,13 +40,17 @@ LRN_SCOPES = ("tower", "all")
 # (max pooling, LRN) of each `ops_impl`: "fast" has hand-written gradients (1.2x on the CPU
 # train step, benchmarks/RESULTS.md); "plain" is XLA's reduce_window pooling and JAX's own
 # gradients, the reference the fast ops are tested against.
-OPS_IMPLS = {"fast": (ops.max_pool, ops.lrn), "plain": (ops.max_pool_reduce_window, ops.lrn_autodiff)}
+OPS_IMPLS = {
+  "fast": (ops.max_pool, ops.lrn),
+  "plain": (ops.max_pool_reduce_window, ops.lrn_autodiff),
+}
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
   """The shape of one variant: widths are per tower."""
+
   towers: int
   conv_widths: tuple[int, ...]
   fc_widths: tuple[int, int]
@@ -64,15 +74,31 @@ def make_arch(variant: str, towers: int | None = None, lrn: bool | None = None) 
       convs, fcs = (48, 128, 192, 192, 256), (4096, 4096)
     else:
       raise ValueError(f"towers={towers} is not supported; the paper variant has 1 or 2 towers")
-    return Arch(towers, convs, fcs, conv1_padding=0, lrn=True if lrn is None else lrn,
-                adaptive_pool=0, dropout_on=("fc6", "fc7"),
-                cross_tower=("conv3", "fc6", "fc7") if towers == 2 else (), init="paper")
+    return Arch(
+      towers,
+      convs,
+      fcs,
+      conv1_padding=0,
+      lrn=True if lrn is None else lrn,
+      adaptive_pool=0,
+      dropout_on=("fc6", "fc7"),
+      cross_tower=("conv3", "fc6", "fc7") if towers == 2 else (),
+      init="paper",
+    )
   if variant == "torchvision":
     if towers not in (None, 1):
       raise ValueError(f"towers={towers} is not supported; the torchvision variant has 1 tower")
-    return Arch(1, (64, 192, 384, 256, 256), (4096, 4096), conv1_padding=2,
-                lrn=bool(lrn), adaptive_pool=6, dropout_on=("pool5", "fc6"),
-                cross_tower=(), init="torch")
+    return Arch(
+      1,
+      (64, 192, 384, 256, 256),
+      (4096, 4096),
+      conv1_padding=2,
+      lrn=bool(lrn),
+      adaptive_pool=6,
+      dropout_on=("pool5", "fc6"),
+      cross_tower=(),
+      init="torch",
+    )
   raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
 
 
@@ -87,8 +113,10 @@ def feature_sides(arch: Arch, side: int, pool_window: int, pool_stride: int) -> 
     if name in _POOLED:
       s = (s - pool_window) // pool_stride + 1
     if s < 1:
-      raise ValueError(f"image side {side} is too small for AlexNet: the maps vanish after {name}; "
-                       "use images of at least 67 pixels")
+      raise ValueError(
+        f"image side {side} is too small for AlexNet: the maps vanish after {name}; "
+        "use images of at least 67 pixels"
+      )
   sides["pool5"] = arch.adaptive_pool or s
   return sides
 
@@ -101,7 +129,7 @@ def param_shapes(arch: Arch, num_classes: int, pool5_side: int) -> dict[str, tup
     cin = width_in * t if name in arch.cross_tower else width_in
     shapes[name] = ((t, k, k, cin, width), (t, width))
     width_in = width
-  width_in = pool5_side ** 2 * width_in
+  width_in = pool5_side**2 * width_in
   for name, width in zip(FC_LAYERS, arch.fc_widths):
     cin = width_in * t if name in arch.cross_tower else width_in
     shapes[name] = ((t, cin, width), (t, width))
@@ -116,10 +144,23 @@ def merge_towers(a: jax.Array) -> jax.Array:
   return a.reshape(a.shape[:-2] + (-1,))
 
 
-def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: Callable,
-                  lrn_args: dict, pool: tuple[int, int], dtype: Any, keep_rate: float,
-                  axis: str | None, capture: bool, lrn_scope: str = "tower",
-                  max_pool: Callable = ops.max_pool, lrn: Callable = ops.lrn) -> tuple[jax.Array, dict]:
+def tower_forward(
+  params: dict,
+  x: jax.Array,
+  masks: dict,
+  *,
+  arch: Arch,
+  act: Callable,
+  lrn_args: dict,
+  pool: tuple[int, int],
+  dtype: Any,
+  keep_rate: float,
+  axis: str | None,
+  capture: bool,
+  lrn_scope: str = "tower",
+  max_pool: Callable = ops.max_pool,
+  lrn: Callable = ops.lrn,
+) -> tuple[jax.Array, dict]:
   """The towers of the net on this device, up to fc7.
 
   `params` leaves carry a leading axis of the towers held here; `axis` names the mesh axis
@@ -143,7 +184,10 @@ def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: C
     whole = lrn(gather(hs), **lrn_args)  # every tower's maps; then each keeps its own slice
     width = hs[0].shape[-1]
     first = 0 if axis is None else jax.lax.axis_index(axis) * n_local
-    return [jax.lax.dynamic_slice_in_dim(whole, (first + t) * width, width, axis=-1) for t in range(n_local)]
+    return [
+      jax.lax.dynamic_slice_in_dim(whole, (first + t) * width, width, axis=-1)
+      for t in range(n_local)
+    ]
 
   def record(name, hs):
     if capture:
@@ -188,6 +232,7 @@ def tower_forward(params: dict, x: jax.Array, masks: dict, *, arch: Arch, act: C
 
 class _LayerParams(nn.Module):
   """Creates one layer's kernel and bias (the forward pass is a pure function of them)."""
+
   kernel_shape: tuple[int, ...]
   bias_shape: tuple[int, ...]
   kernel_init: Callable
@@ -195,8 +240,10 @@ class _LayerParams(nn.Module):
 
   @nn.compact
   def __call__(self) -> tuple[jax.Array, jax.Array]:
-    return (self.param("kernel", self.kernel_init, self.kernel_shape, jnp.float32),
-            self.param("bias", self.bias_init, self.bias_shape, jnp.float32))
+    return (
+      self.param("kernel", self.kernel_init, self.kernel_shape, jnp.float32),
+      self.param("bias", self.bias_init, self.bias_shape, jnp.float32),
+    )
 
 
 def _uniform(bound: float) -> Callable:
@@ -213,6 +260,7 @@ class AlexNet(nn.Module):
   `_, s = model.apply(v, x, mutable=["intermediates"])`; `s["intermediates"]["features"]["fc7"]`
   is the 4096-d feature.
   """
+
   num_classes: int = 1000
   variant: str = "paper"
   mesh: Mesh | None = None
@@ -227,14 +275,18 @@ class AlexNet(nn.Module):
   lrn_n: int = 5
   lrn_alpha: float = 1e-4  # NOT divided by n, as in the paper
   lrn_beta: float = 0.75
-  lrn_scope: str = "tower"  # "tower": within each tower (the paper) | "all": across all maps (Caffe)
+  lrn_scope: str = (
+    "tower"  # "tower": within each tower (the paper) | "all": across all maps (Caffe)
+  )
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
   ops_impl: str = "fast"  # "fast" or "plain": see OPS_IMPLS
 
   def __post_init__(self):
     make_arch(self.variant, self.towers, self.lrn)
     if self.activation not in ACTIVATIONS:
-      raise ValueError(f"unknown activation {self.activation!r}; choose one of {tuple(ACTIVATIONS)}")
+      raise ValueError(
+        f"unknown activation {self.activation!r}; choose one of {tuple(ACTIVATIONS)}"
+      )
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
     if self.lrn_scope not in LRN_SCOPES:
@@ -247,15 +299,20 @@ class AlexNet(nn.Module):
 
   def _check_mesh(self):
     if tuple(self.mesh.axis_names) != ("data", "model"):
-      raise ValueError(f"mesh axes are {self.mesh.axis_names}; AlexNet needs ('data', 'model') "
-                       "(build one with alexnet_jax.sharding.make_mesh)")
+      raise ValueError(
+        f"mesh axes are {self.mesh.axis_names}; AlexNet needs ('data', 'model') "
+        "(build one with alexnet_jax.sharding.make_mesh)"
+      )
     m, towers = self.mesh.shape["model"], make_arch(self.variant, self.towers, self.lrn).towers
     if m not in (1, 2):
-      raise ValueError(f"mesh model axis has size {m}; it must be 1 (towers together) or 2 "
-                       "(one tower per device)")
+      raise ValueError(
+        f"mesh model axis has size {m}; it must be 1 (towers together) or 2 (one tower per device)"
+      )
     if towers % m:
-      raise ValueError(f"the {self.variant!r} net with {towers} tower(s) cannot be split over a model "
-                       f"axis of size {m}; use model=1")
+      raise ValueError(
+        f"the {self.variant!r} net with {towers} tower(s) cannot be split over a model "
+        f"axis of size {m}; use model=1"
+      )
 
   @property
   def arch(self) -> Arch:
@@ -267,23 +324,29 @@ class AlexNet(nn.Module):
       kinit, binit = nn.initializers.normal(self.init_std), nn.initializers.constant(bias_value)
     else:  # PyTorch's default: U(+-1/sqrt(fan_in)) for weights and biases
       fan_in = math.prod(kernel_shape[1:-1]) if len(kernel_shape) > 2 else kernel_shape[0]
-      kinit = binit = _uniform(fan_in ** -0.5)
+      kinit = binit = _uniform(fan_in**-0.5)
     return _LayerParams(kernel_shape, bias_shape, kinit, binit, name=name)()
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images have shape {images.shape}; AlexNet wants NHWC with 3 channels, "
-                       "e.g. (batch, 227, 227, 3)")
+      raise ValueError(
+        f"images have shape {images.shape}; AlexNet wants NHWC with 3 channels, "
+        "e.g. (batch, 227, 227, 3)"
+      )
     batch = images.shape[0]
     if self.mesh is not None and batch % self.mesh.shape["data"]:
-      raise ValueError(f"batch {batch} does not divide over the mesh's data axis of size "
-                       f"{self.mesh.shape['data']}; use a multiple of it")
+      raise ValueError(
+        f"batch {batch} does not divide over the mesh's data axis of size "
+        f"{self.mesh.shape['data']}; use a multiple of it"
+      )
     arch = self.arch
     pool = (3, 2) if self.overlapping_pool else (2, 2)
     sides = feature_sides(arch, min(images.shape[1:3]), *pool)
     if images.shape[1] != images.shape[2]:
-      raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}; AlexNet wants square crops")
+      raise ValueError(
+        f"images are {images.shape[1]}x{images.shape[2]}; AlexNet wants square crops"
+      )
 
     # Parameters: tower layers carry a leading tower axis.
     t, params = arch.towers, {}
@@ -296,29 +359,47 @@ class AlexNet(nn.Module):
     masks = {}
     if train and self.dropout_rate > 0:
       keys = jax.random.split(self.make_rng("dropout"), len(arch.dropout_on))
-      units = {"pool5": sides["pool5"] ** 2 * arch.conv_widths[-1],
-               "fc6": arch.fc_widths[0], "fc7": arch.fc_widths[1]}
+      units = {
+        "pool5": sides["pool5"] ** 2 * arch.conv_widths[-1],
+        "fc6": arch.fc_widths[0],
+        "fc7": arch.fc_widths[1],
+      }
       for key, name in zip(keys, arch.dropout_on):
         masks[name] = jax.random.bernoulli(key, 1.0 - self.dropout_rate, (t, batch, units[name]))
 
     capture = self.is_mutable_collection("intermediates")
     fn = functools.partial(
-        tower_forward, arch=arch, act=ACTIVATIONS[self.activation], pool=pool, dtype=self.dtype,
-        lrn_args=dict(k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha, beta=self.lrn_beta),
-        keep_rate=1.0 - self.dropout_rate, capture=capture, lrn_scope=self.lrn_scope,
-        max_pool=OPS_IMPLS[self.ops_impl][0], lrn=OPS_IMPLS[self.ops_impl][1])
+      tower_forward,
+      arch=arch,
+      act=ACTIVATIONS[self.activation],
+      pool=pool,
+      dtype=self.dtype,
+      lrn_args=dict(k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha, beta=self.lrn_beta),
+      keep_rate=1.0 - self.dropout_rate,
+      capture=capture,
+      lrn_scope=self.lrn_scope,
+      max_pool=OPS_IMPLS[self.ops_impl][0],
+      lrn=OPS_IMPLS[self.ops_impl][1],
+    )
     if self.mesh is None:
       fc7, feats = fn(params, images, masks, axis=None)
     else:
       fc7, feats = jax.shard_map(
-          functools.partial(fn, axis="model"), mesh=self.mesh,
-          in_specs=(P("model"), P("data"), P("model", "data")),
-          out_specs=(P("data", "model"), P("model", "data")))(params, images, masks)
+        functools.partial(fn, axis="model"),
+        mesh=self.mesh,
+        in_specs=(P("model"), P("data"), P("model", "data")),
+        out_specs=(P("data", "model"), P("model", "data")),
+      )(params, images, masks)
     with jax.named_scope("fc8"):
       logits = (fc7 @ k8.astype(self.dtype) + b8.astype(self.dtype)).astype(jnp.float32)
     if capture:
       features = {name: merge_towers(value) for name, value in feats.items()}
       # One dict (not flax's default 1-tuples): intermediates["features"]["fc7"] is the array.
-      self.sow("intermediates", "features", features | {"logits": logits},
-               init_fn=lambda: None, reduce_fn=lambda _, v: v)
+      self.sow(
+        "intermediates",
+        "features",
+        features | {"logits": logits},
+        init_fn=lambda: None,
+        reduce_fn=lambda _, v: v,
+      )
     return logits

@@ -9,10 +9,13 @@ import numpy as np
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int, padding: int) -> jax.Array:
+def conv2d(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int, padding: int
+) -> jax.Array:
   """One tower's convolution: a plain (ungrouped) conv, the fast path on every backend."""
   y = jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DIMS)
+    x, kernel, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DIMS
+  )
   return y + bias
 
 
@@ -23,16 +26,22 @@ def _channel_window_sum(a: jax.Array, before: int, after: int) -> jax.Array:
   return jax.lax.reduce_window(a, 0.0, jax.lax.add, window, (1,) * a.ndim, pad)
 
 
-def _lrn_scale(x: jax.Array, k: float, n: int, alpha: float, beta: float) -> tuple[jax.Array, jax.Array]:
+def _lrn_scale(
+  x: jax.Array, k: float, n: int, alpha: float, beta: float
+) -> tuple[jax.Array, jax.Array]:
   """(k + alpha * window sum of x^2) and its power -beta, in float32."""
   scale = k + alpha * _channel_window_sum(jnp.square(x), n // 2, n - 1 - n // 2)
-  if beta == 0.75:  # the paper's beta: two square roots cost a third of pow's exp and log on the CPU
+  if (
+    beta == 0.75
+  ):  # the paper's beta: two square roots cost a third of pow's exp and log on the CPU
     inv = jax.lax.rsqrt(scale)
     return scale, inv * jnp.sqrt(inv)
-  return scale, scale ** -beta
+  return scale, scale**-beta
 
 
-def lrn_autodiff(x: jax.Array, k: float = 2.0, n: int = 5, alpha: float = 1e-4, beta: float = 0.75) -> jax.Array:
+def lrn_autodiff(
+  x: jax.Array, k: float = 2.0, n: int = 5, alpha: float = 1e-4, beta: float = 0.75
+) -> jax.Array:
   """`lrn` with JAX's own gradient: the reference its hand-written gradient is tested against
   (`AlexNet(ops_impl="plain")`)."""
   xf = x.astype(jnp.float32)
@@ -40,7 +49,9 @@ def lrn_autodiff(x: jax.Array, k: float = 2.0, n: int = 5, alpha: float = 1e-4, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def lrn(x: jax.Array, k: float = 2.0, n: int = 5, alpha: float = 1e-4, beta: float = 0.75) -> jax.Array:
+def lrn(
+  x: jax.Array, k: float = 2.0, n: int = 5, alpha: float = 1e-4, beta: float = 0.75
+) -> jax.Array:
   """Local response normalisation over the last (channel) axis, the paper's formula (§3.3).
 
   b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta, alpha NOT
@@ -73,16 +84,28 @@ lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 def max_pool_reduce_window(x: jax.Array, window: int, stride: int) -> jax.Array:
   """XLA's own max pooling, the reference `max_pool` is tested against (`AlexNet(ops_impl="plain")`)."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID")
+  return jax.lax.reduce_window(
+    x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
+  )
 
 
 def _pool_views(x: jax.Array, window: int, stride: int) -> list[tuple[tuple[int, int], jax.Array]]:
   """Each window position's strided view of x (VALID pooling), in reduce_window's row-major order."""
   n, h, w, c = x.shape
   oh, ow = (h - window) // stride + 1, (w - window) // stride + 1
-  return [((i, j), jax.lax.slice(x, (0, i, j, 0), (n, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, c),
-                                 (1, stride, stride, 1)))
-          for i in range(window) for j in range(window)]
+  return [
+    (
+      (i, j),
+      jax.lax.slice(
+        x,
+        (0, i, j, 0),
+        (n, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, c),
+        (1, stride, stride, 1),
+      ),
+    )
+    for i in range(window)
+    for j in range(window)
+  ]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -114,12 +137,20 @@ def _max_pool_bwd(window, stride, res, g):
     first = (view == y) & ~taken
     taken = taken | first
     (qi, ri), (qj, rj) = divmod(i, stride), divmod(j, stride)
-    part = jax.lax.pad(jnp.where(first, g, zero), zero,
-                       [(0, 0, 0), (qi, hc - y.shape[1] - qi, 0), (qj, wc - y.shape[2] - qj, 0), (0, 0, 0)])
+    part = jax.lax.pad(
+      jnp.where(first, g, zero),
+      zero,
+      [(0, 0, 0), (qi, hc - y.shape[1] - qi, 0), (qj, wc - y.shape[2] - qj, 0), (0, 0, 0)],
+    )
     phases[ri, rj] = phases[ri, rj] + part if (ri, rj) in phases else part
   empty = jnp.zeros((n, hc, wc, c), g.dtype)
-  grid = jnp.stack([jnp.stack([phases.get((ri, rj), empty) for rj in range(stride)], axis=3)
-                    for ri in range(stride)], axis=2)  # (n, hc, stride, wc, stride, c)
+  grid = jnp.stack(
+    [
+      jnp.stack([phases.get((ri, rj), empty) for rj in range(stride)], axis=3)
+      for ri in range(stride)
+    ],
+    axis=2,
+  )  # (n, hc, stride, wc, stride, c)
   return (grid.reshape(n, hc * stride, wc * stride, c)[:, :h, :w],)
 
 

@@ -19,39 +19,64 @@ SCHEDULES = ("piecewise", "plateau", "cosine", "constant")
 LAYERS = TOWER_LAYERS + ("fc8",)  # the eight learned layers, input to output
 
 
-def paper_sgd(learning_rate: float | optax.Schedule, momentum: float = 0.9, weight_decay: float = 5e-4,
-              decay_biases: bool = False, frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+def paper_sgd(
+  learning_rate: float | optax.Schedule,
+  momentum: float = 0.9,
+  weight_decay: float = 5e-4,
+  decay_biases: bool = False,
+  frozen: Sequence[str] = (),
+) -> optax.GradientTransformation:
   """The update rule; the current rate is readable (and, for plateau, settable) in
   `opt_state.hyperparams['learning_rate']`. Weight decay skips biases unless `decay_biases`
   (cuda-convnet decayed only weights). The top-level entries (layers) named in `frozen` get
   no update at all, weight decay included."""
+
   def rule(learning_rate):
-    mask = None if decay_biases else (lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) != "bias", params))
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask),  # g + wd * w
-        optax.scale_by_learning_rate(learning_rate, flip_sign=True),  # -lr * (g + wd * w)
-        optax.trace(decay=momentum),  # v <- momentum * v - lr * (g + wd * w)
-        # Always in the chain, even with nothing frozen, so the optimizer state has one
-        # structure and a checkpoint restores whatever is frozen.
-        optax.masked(optax.set_to_zero(), lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: getattr(path[0], "key", None) in frozen, params)),
+    mask = (
+      None
+      if decay_biases
+      else (
+        lambda params: jax.tree_util.tree_map_with_path(
+          lambda path, _: getattr(path[-1], "key", None) != "bias", params
+        )
+      )
     )
+    return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),  # g + wd * w
+      optax.scale_by_learning_rate(learning_rate, flip_sign=True),  # -lr * (g + wd * w)
+      optax.trace(decay=momentum),  # v <- momentum * v - lr * (g + wd * w)
+      # Always in the chain, even with nothing frozen, so the optimizer state has one
+      # structure and a checkpoint restores whatever is frozen.
+      optax.masked(
+        optax.set_to_zero(),
+        lambda params: jax.tree_util.tree_map_with_path(
+          lambda path, _: getattr(path[0], "key", None) in frozen, params
+        ),
+      ),
+    )
+
   return optax.inject_hyperparams(rule)(learning_rate=learning_rate)
 
 
 def frozen_layers(train_last: int) -> tuple[str, ...]:
   """The layers that fine-tuning keeps fixed when only the last `train_last` of the eight
   train (0: none frozen; 1: only fc8 trains)."""
-  return LAYERS[:len(LAYERS) - train_last] if train_last > 0 else ()
+  return LAYERS[: len(LAYERS) - train_last] if train_last > 0 else ()
 
 
-def make_schedule(name: str, base_lr: float, steps_per_epoch: int, total_steps: int,
-                  boundaries_epochs: tuple = (), factor: float = 0.1) -> float | Callable[[Any], Any]:
+def make_schedule(
+  name: str,
+  base_lr: float,
+  steps_per_epoch: int,
+  total_steps: int,
+  boundaries_epochs: tuple = (),
+  factor: float = 0.1,
+) -> float | Callable[[Any], Any]:
   """A step -> rate schedule; 'plateau' gives a constant rate that the train loop lowers."""
   if name == "piecewise":
     return optax.piecewise_constant_schedule(
-        base_lr, {int(e * steps_per_epoch): factor for e in boundaries_epochs})
+      base_lr, {int(e * steps_per_epoch): factor for e in boundaries_epochs}
+    )
   if name == "cosine":
     return optax.cosine_decay_schedule(base_lr, max(total_steps, 1))
   if name in ("plateau", "constant"):
@@ -59,7 +84,9 @@ def make_schedule(name: str, base_lr: float, steps_per_epoch: int, total_steps: 
   raise ValueError(f"unknown lr_schedule {name!r}; choose one of {SCHEDULES}")
 
 
-def plateau_update(state: dict, val_error: float, patience: int, max_drops: int, factor: float = 0.1) -> tuple[dict, float]:
+def plateau_update(
+  state: dict, val_error: float, patience: int, max_drops: int, factor: float = 0.1
+) -> tuple[dict, float]:
   """The paper's literal rule: divide the rate by 10 when validation error stops improving.
 
   state = {'best', 'bad_evals', 'drops'} (plain floats/ints, saved with the checkpoint);

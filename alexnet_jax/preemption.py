@@ -44,6 +44,7 @@ class Watcher:
     if step % every:
       return False
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
     if flags.max() and self.signal_name is None:
       self.signal_name = "another process's preemption signal"

@@ -90,27 +90,36 @@ def _encode(item: tuple[str, bytes, int], quality: int) -> tuple[str, bytes | No
 
 def _example(jpeg: bytes, label: int, name: str) -> bytes:
   import tensorflow as tf
-  feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
-             "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-             "file_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode()]))}
+
+  feature = {
+    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
+    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    "file_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode()])),
+  }
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def num_records(path: str) -> int:
   from array_record.python import array_record_module
+
   reader = array_record_module.ArrayRecordReader(path)
   n = reader.num_records()
   reader.close()
   return n
 
 
-def write_shard(path: str, items: Iterable[tuple[str, bytes, int]], pool, quality: int) -> tuple[int, list[str]]:
+def write_shard(
+  path: str, items: Iterable[tuple[str, bytes, int]], pool, quality: int
+) -> tuple[int, list[str]]:
   """Encodes items in the pool and writes them to `path` atomically; returns (written, skipped)."""
   from array_record.python import array_record_module
+
   tmp = path + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   written, skipped = 0, []
-  for name, jpeg, label, error in pool.map(functools.partial(_encode, quality=quality), items, chunksize=8):
+  for name, jpeg, label, error in pool.map(
+    functools.partial(_encode, quality=quality), items, chunksize=8
+  ):
     if jpeg is None:
       skipped.append(f"{name}: {error}")
       logging.warning("skipped unreadable image %s (%s)", name, error)
@@ -136,16 +145,20 @@ def _archive_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
   members = [m for m in train_tar.getmembers() if m.isfile()]
   bad = [m.name for m in members if os.path.splitext(os.path.basename(m.name))[0] not in index]
   if bad or not members:
-    raise UserInputError(f"{TRAIN_TAR} does not have the official layout (one <wnid>.tar per class): "
-                         f"found {bad[:3] or 'no files'}")
+    raise UserInputError(
+      f"{TRAIN_TAR} does not have the official layout (one <wnid>.tar per class): "
+      f"found {bad[:3] or 'no files'}"
+    )
 
   def class_items(member):
     wnid = os.path.splitext(os.path.basename(member.name))[0]
     inner = tarfile.open(fileobj=train_tar.extractfile(member))
     return [(f"{wnid}/{os.path.basename(n)}", d, index[wnid]) for n, d in _tar_images(inner)]
 
-  train = [(f"{index[os.path.splitext(os.path.basename(m.name))[0]]:04d}", (lambda m=m: class_items(m)))
-           for m in members]
+  train = [
+    (f"{index[os.path.splitext(os.path.basename(m.name))[0]]:04d}", (lambda m=m: class_items(m)))
+    for m in members
+  ]
   val_labels = imagenet_val_labels()
   val_tar = tarfile.open(os.path.join(manual_dir, VAL_TAR))
   val_members = sorted((m for m in val_tar.getmembers() if m.isfile()), key=lambda m: m.name)
@@ -155,22 +168,35 @@ def _archive_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
     try:
       return int(stem.rsplit("_", 1)[1]) - 1
     except (IndexError, ValueError):
-      raise UserInputError(f"{VAL_TAR} does not have the official layout: unexpected file {name}") from None
+      raise UserInputError(
+        f"{VAL_TAR} does not have the official layout: unexpected file {name}"
+      ) from None
 
   def val_items(chunk):
-    return [(os.path.basename(m.name), val_tar.extractfile(m).read(), index[val_labels[val_position(m.name)]])
-            for m in chunk]
+    return [
+      (
+        os.path.basename(m.name),
+        val_tar.extractfile(m).read(),
+        index[val_labels[val_position(m.name)]],
+      )
+      for m in chunk
+    ]
 
   for m in val_members:
     val_position(m.name)
-  val = [(f"{k // VAL_SHARD:05d}", (lambda c=val_members[k:k + VAL_SHARD]: val_items(c)))
-         for k in range(0, len(val_members), VAL_SHARD)]
+  val = [
+    (f"{k // VAL_SHARD:05d}", (lambda c=val_members[k : k + VAL_SHARD]: val_items(c)))
+    for k in range(0, len(val_members), VAL_SHARD)
+  ]
   return train, val, classes
 
 
 def _folder_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
   """The same jobs for an image-folder tree (the class folders' sorted names are the labels)."""
-  from alexnet_jax import input_pipeline  # only for listing files: TensorFlow is already needed here
+  from alexnet_jax import (
+    input_pipeline,
+  )  # only for listing files: TensorFlow is already needed here
+
   train_split, val_split = input_pipeline.read_image_folder(manual_dir)
   classes = list(train_split.classes)
 
@@ -185,8 +211,13 @@ def _folder_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
   for label, name in enumerate(classes):
     paths = [p for p, l in zip(train_split.paths, train_split.labels) if l == label]
     train.append((f"{label:04d}", (lambda p=paths, l=label: items(p, [l] * len(p)))))
-  val = [(f"{k // VAL_SHARD:05d}", (lambda k=k: items(val_split.paths[k:k + VAL_SHARD], val_split.labels[k:k + VAL_SHARD])))
-         for k in range(0, len(val_split), VAL_SHARD)]
+  val = [
+    (
+      f"{k // VAL_SHARD:05d}",
+      (lambda k=k: items(val_split.paths[k : k + VAL_SHARD], val_split.labels[k : k + VAL_SHARD])),
+    )
+    for k in range(0, len(val_split), VAL_SHARD)
+  ]
   return train, val, classes
 
 
@@ -201,13 +232,16 @@ def compute_stats(train_files: list[str], sample: int) -> dict:
   from `sample` images spread evenly over the training shards."""
   import tensorflow as tf
   from array_record.python.array_record_data_source import ArrayRecordDataSource
+
   source = ArrayRecordDataSource(train_files)
   n = len(source)
   picks = np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64))
   total = np.zeros((SIDE, SIDE, 3), np.float64)
   moment = np.zeros((3, 3), np.float64)
   for i in picks:
-    record = tf.io.parse_single_example(source[int(i)], {"image": tf.io.FixedLenFeature([], tf.string)})
+    record = tf.io.parse_single_example(
+      source[int(i)], {"image": tf.io.FixedLenFeature([], tf.string)}
+    )
     pixels = tf.io.decode_jpeg(record["image"], channels=3).numpy().astype(np.float64)
     total += pixels
     flat = pixels.reshape(-1, 3) / 255.0
@@ -217,28 +251,45 @@ def compute_stats(train_files: list[str], sample: int) -> dict:
   cov = moment / len(picks) - np.outer(mean_rgb, mean_rgb)
   eigval, eigvec = np.linalg.eigh(cov)
   order = np.argsort(eigval)[::-1]
-  return {"mean_image": mean_image.astype(np.float32), "eigval": eigval[order].astype(np.float32),
-          "eigvec": eigvec[:, order].astype(np.float32), "num_images": np.int64(len(picks))}
+  return {
+    "mean_image": mean_image.astype(np.float32),
+    "eigval": eigval[order].astype(np.float32),
+    "eigvec": eigvec[:, order].astype(np.float32),
+    "num_images": np.int64(len(picks)),
+  }
 
 
-def prepare(manual_dir: str, data_dir: str, stats_images: int = 10_000, quality: int = 90,
-            workers: int | None = None) -> dict:
+def prepare(
+  manual_dir: str,
+  data_dir: str,
+  stats_images: int = 10_000,
+  quality: int = 90,
+  workers: int | None = None,
+) -> dict:
   """Writes data_dir/{train,val}/*.array_record, dataset_info.json and stats.npz; returns the info."""
   if not os.path.isdir(manual_dir):
-    raise UserInputError(f"manual_dir {manual_dir!r} does not exist: download {TRAIN_TAR} and {VAL_TAR} "
-                         "from image-net.org into it, or point it at a folder with train/ and val/ class folders")
+    raise UserInputError(
+      f"manual_dir {manual_dir!r} does not exist: download {TRAIN_TAR} and {VAL_TAR} "
+      "from image-net.org into it, or point it at a folder with train/ and val/ class folders"
+    )
   have = [t for t in (TRAIN_TAR, VAL_TAR) if os.path.exists(os.path.join(manual_dir, t))]
   archives = bool(have)
   if archives and len(have) < 2:
     missing = ({TRAIN_TAR, VAL_TAR} - set(have)).pop()
-    raise UserInputError(f"{os.path.join(manual_dir, missing)} is missing: download it from image-net.org")
+    raise UserInputError(
+      f"{os.path.join(manual_dir, missing)} is missing: download it from image-net.org"
+    )
   if not archives and not os.path.isdir(os.path.join(manual_dir, "train")):
-    raise UserInputError(f"{manual_dir} holds neither {TRAIN_TAR} + {VAL_TAR} nor train/ and val/ class folders")
+    raise UserInputError(
+      f"{manual_dir} holds neither {TRAIN_TAR} + {VAL_TAR} nor train/ and val/ class folders"
+    )
   os.makedirs(data_dir, exist_ok=True)
   need, free = _input_bytes(manual_dir, archives) // 3, shutil.disk_usage(data_dir).free
   if free < need:
-    raise UserInputError(f"{data_dir} has {free / 2**30:.1f} GiB free; the shards need about {need / 2**30:.1f} GiB: "
-                         "free some space or choose another --data_dir")
+    raise UserInputError(
+      f"{data_dir} has {free / 2**30:.1f} GiB free; the shards need about {need / 2**30:.1f} GiB: "
+      "free some space or choose another --data_dir"
+    )
   try:
     train_jobs, val_jobs, classes = (_archive_jobs if archives else _folder_jobs)(manual_dir)
   except tarfile.TarError as e:
@@ -247,7 +298,9 @@ def prepare(manual_dir: str, data_dir: str, stats_images: int = 10_000, quality:
   skipped: list[str] = []
   jobs = [("train", n, f) for n, f in train_jobs] + [("val", n, f) for n, f in val_jobs]
   start = time.time()
-  spawn = multiprocessing.get_context("spawn")  # fork is unsafe once JAX or TensorFlow threads exist
+  spawn = multiprocessing.get_context(
+    "spawn"
+  )  # fork is unsafe once JAX or TensorFlow threads exist
   with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), mp_context=spawn) as pool:
     for k, (split, name, items) in enumerate(jobs):
       path = os.path.join(data_dir, split, name + _EXT)
@@ -259,29 +312,57 @@ def prepare(manual_dir: str, data_dir: str, stats_images: int = 10_000, quality:
       with open(os.path.join(data_dir, "skipped.txt"), "a") as f:
         f.writelines(line + "\n" for line in bad)
       eta = (time.time() - start) / (k + 1) * (len(jobs) - k - 1)
-      logging.info("%s shard %s: %d images, %d skipped (%d/%d shards, ETA %.0f s)", split, name, written, len(bad),
-                   k + 1, len(jobs), eta)
+      logging.info(
+        "%s shard %s: %d images, %d skipped (%d/%d shards, ETA %.0f s)",
+        split,
+        name,
+        written,
+        len(bad),
+        k + 1,
+        len(jobs),
+        eta,
+      )
 
-  files = {s: sorted(os.path.join(data_dir, s, f) for f in os.listdir(os.path.join(data_dir, s)) if f.endswith(_EXT))
-           for s in ("train", "val")}
-  info = {"source": "imagenet2012" if archives else os.path.abspath(manual_dir), "image_side": SIDE,
-          "classes": classes, "num_classes": len(classes),
-          "splits": {s: {"files": [os.path.basename(p) for p in fs], "num_images": sum(num_records(p) for p in fs)}
-                     for s, fs in files.items()}}
+  files = {
+    s: sorted(
+      os.path.join(data_dir, s, f)
+      for f in os.listdir(os.path.join(data_dir, s))
+      if f.endswith(_EXT)
+    )
+    for s in ("train", "val")
+  }
+  info = {
+    "source": "imagenet2012" if archives else os.path.abspath(manual_dir),
+    "image_side": SIDE,
+    "classes": classes,
+    "num_classes": len(classes),
+    "splits": {
+      s: {"files": [os.path.basename(p) for p in fs], "num_images": sum(num_records(p) for p in fs)}
+      for s, fs in files.items()
+    },
+  }
   with open(os.path.join(data_dir, INFO_FILE), "w") as f:
     json.dump(info, f, indent=1)
   stats_path = os.path.join(data_dir, STATS_FILE)
   if not os.path.exists(stats_path) and stats_images > 0:
     np.savez(stats_path + ".tmp.npz", **compute_stats(files["train"], stats_images))
     os.replace(stats_path + ".tmp.npz", stats_path)
-  logging.info("prepared %s: %d train, %d val images", data_dir, info["splits"]["train"]["num_images"],
-               info["splits"]["val"]["num_images"])
+  logging.info(
+    "prepared %s: %d train, %d val images",
+    data_dir,
+    info["splits"]["train"]["num_images"],
+    info["splits"]["val"]["num_images"],
+  )
   return info
 
 
-_MANUAL = flags.DEFINE_string("manual_dir", None, "The two ImageNet archives, or train/ and val/ class folders.")
+_MANUAL = flags.DEFINE_string(
+  "manual_dir", None, "The two ImageNet archives, or train/ and val/ class folders."
+)
 _DATA = flags.DEFINE_string("data_dir", None, "Where the shards go (then --config.data_dir=THIS).")
-_STATS = flags.DEFINE_integer("stats_images", 10_000, "Training images sampled for the mean image and colour PCA.")
+_STATS = flags.DEFINE_integer(
+  "stats_images", 10_000, "Training images sampled for the mean image and colour PCA."
+)
 _QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality of the re-encoded 256x256 images.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Encoding processes (default: one per CPU).")
 

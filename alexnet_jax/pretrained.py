@@ -22,11 +22,23 @@ from alexnet_jax import checkpoints, convert
 from alexnet_jax.errors import UserInputError
 
 # config.model settings that change what the weights compute (others only initialise).
-_FORWARD_KEYS = ("variant", "towers", "activation", "lrn", "lrn_scope", "lrn_k", "lrn_n", "lrn_alpha",
-                 "lrn_beta", "overlapping_pool")
+_FORWARD_KEYS = (
+  "variant",
+  "towers",
+  "activation",
+  "lrn",
+  "lrn_scope",
+  "lrn_k",
+  "lrn_n",
+  "lrn_alpha",
+  "lrn_beta",
+  "overlapping_pool",
+)
 
 
-def read_checkpoint(path: str, step: int | None = None) -> tuple[convert.Params, ml_collections.ConfigDict | None, str]:
+def read_checkpoint(
+  path: str, step: int | None = None
+) -> tuple[convert.Params, ml_collections.ConfigDict | None, str]:
   """(parameters as numpy arrays, the config saved beside them or None, the step folder read).
 
   path: a workdir, its checkpoints/ folder, or checkpoints/<step>; step: default the latest.
@@ -36,12 +48,19 @@ def read_checkpoint(path: str, step: int | None = None) -> tuple[convert.Params,
     ckpt_dir = os.path.join(path, "checkpoints")
   elif os.path.basename(path) == "checkpoints":
     ckpt_dir = path
-  elif os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit():
+  elif (
+    os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit()
+  ):
     ckpt_dir, step = os.path.dirname(path), int(os.path.basename(path))
   else:
-    raise UserInputError(f"{path} is neither a workdir with checkpoints/ nor a checkpoint folder of ours")
-  mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False),
-                              item_handlers=ocp.PyTreeCheckpointHandler())
+    raise UserInputError(
+      f"{path} is neither a workdir with checkpoints/ nor a checkpoint folder of ours"
+    )
+  mgr = ocp.CheckpointManager(
+    ckpt_dir,
+    options=ocp.CheckpointManagerOptions(create=False),
+    item_handlers=ocp.PyTreeCheckpointHandler(),
+  )
   try:
     steps = sorted(mgr.all_steps())
     step = steps[-1] if step is None and steps else step
@@ -51,11 +70,19 @@ def read_checkpoint(path: str, step: int | None = None) -> tuple[convert.Params,
     if "params" not in tree:
       raise UserInputError(f"{ckpt_dir}/{step} holds no params: not a checkpoint of ours")
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-    params = mgr.restore(step, args=ocp.args.PyTreeRestore(
-        item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))["params"]
+    params = mgr.restore(
+      step,
+      args=ocp.args.PyTreeRestore(
+        item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True
+      ),
+    )["params"]
   finally:
     mgr.close()
-  return params, checkpoints.load_config(os.path.dirname(ckpt_dir)), os.path.join(ckpt_dir, str(step))
+  return (
+    params,
+    checkpoints.load_config(os.path.dirname(ckpt_dir)),
+    os.path.join(ckpt_dir, str(step)),
+  )
 
 
 def load(source: str) -> tuple[convert.Params, dict, str]:
@@ -69,17 +96,23 @@ def load(source: str) -> tuple[convert.Params, dict, str]:
 
 def place(params: convert.Params, target: Any, source: str) -> Any:
   """`params` laid out as `target` (this run's sharded parameters), or a clear error."""
-  wrong = {name: f"{name} {np.shape(params.get(name, {}).get('kernel'))} (this run: {want['kernel'].shape})"
-           for name, want in target.items()
-           if any(np.shape(params.get(name, {}).get(p)) != want[p].shape for p in want)}
+  wrong = {
+    name: f"{name} {np.shape(params.get(name, {}).get('kernel'))} (this run: {want['kernel'].shape})"
+    for name, want in target.items()
+    if any(np.shape(params.get(name, {}).get(p)) != want[p].shape for p in want)
+  }
   if wrong:
-    hint = ("; the paper net's fc6 follows image_size: use the size the weights were trained at (227 for Caffe's)"
-            if "fc6" in wrong else "")
+    hint = (
+      "; the paper net's fc6 follows image_size: use the size the weights were trained at (227 for Caffe's)"
+      if "fc6" in wrong
+      else ""
+    )
     raise UserInputError(f"{source} does not fit this run's net: {', '.join(wrong.values())}{hint}")
 
   def one(array, like):
     array = np.asarray(array, np.float32)
     return jax.make_array_from_callback(array.shape, like.sharding, lambda index: array[index])
+
   return jax.tree.map(one, {name: params[name] for name in target}, target)
 
 
@@ -89,18 +122,31 @@ def init_params(config: ml_collections.ConfigDict, target: Any) -> Any:
   params, trained_with, what = load(config.init_from)
   model = config.model.to_dict()
   if trained_with.get("variant", model["variant"]) != model["variant"]:
-    raise UserInputError(f"init_from={config.init_from} holds a {trained_with['variant']!r} AlexNet but "
-                         f"model.variant={model['variant']!r}: set --config.model.variant={trained_with['variant']} "
-                         "(configs/torchvision_alexnet.py and caffe_alexnet.py set all that published weights need)")
-  differ = {k: (trained_with[k], model[k]) for k in _FORWARD_KEYS if k in trained_with and trained_with[k] != model[k]}
+    raise UserInputError(
+      f"init_from={config.init_from} holds a {trained_with['variant']!r} AlexNet but "
+      f"model.variant={model['variant']!r}: set --config.model.variant={trained_with['variant']} "
+      "(configs/torchvision_alexnet.py and caffe_alexnet.py set all that published weights need)"
+    )
+  differ = {
+    k: (trained_with[k], model[k])
+    for k in _FORWARD_KEYS
+    if k in trained_with and trained_with[k] != model[k]
+  }
   if differ:
-    logging.warning("init_from: the weights were trained with %s; this run uses %s",
-                    {k: v[0] for k, v in differ.items()}, {k: v[1] for k, v in differ.items()})
+    logging.warning(
+      "init_from: the weights were trained with %s; this run uses %s",
+      {k: v[0] for k, v in differ.items()},
+      {k: v[1] for k, v in differ.items()},
+    )
   keep = {}  # fc8 stays fresh when only the class count differs; `place` names any other mismatch
   theirs, ours = np.shape(params.get("fc8", {}).get("kernel")), target["fc8"]["kernel"].shape
   if len(theirs) == 2 and theirs[0] == ours[0] and theirs[1] != ours[1]:
-    logging.info("init_from: fc8 freshly initialised for %d classes (the weights have %d)", ours[1], theirs[1])
+    logging.info(
+      "init_from: fc8 freshly initialised for %d classes (the weights have %d)", ours[1], theirs[1]
+    )
     keep = {"fc8": target["fc8"]}
-  placed = place(params, {name: layer for name, layer in target.items() if name not in keep}, config.init_from)
+  placed = place(
+    params, {name: layer for name, layer in target.items() if name not in keep}, config.init_from
+  )
   logging.info("init_from: %s loaded from %s", ", ".join(placed), what)
   return placed | keep

@@ -25,6 +25,7 @@ from alexnet_jax.models import AlexNet
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """A trained net: `model.apply({"params": params}, images)` runs it on `mesh`."""
+
   config: ml_collections.ConfigDict
   model: AlexNet
   params: Any
@@ -32,8 +33,9 @@ class Restored:
   mesh: Mesh
 
 
-def restore(workdir: str, step: int | None = None, mesh: Mesh | None = None,
-            variant: str | None = None) -> Restored:
+def restore(
+  workdir: str, step: int | None = None, mesh: Mesh | None = None, variant: str | None = None
+) -> Restored:
   """The checkpoint at `step` (default: the latest) of the run in workdir.
 
   mesh: where to place the parameters (default: every device, data-parallel). variant:
@@ -41,29 +43,42 @@ def restore(workdir: str, step: int | None = None, mesh: Mesh | None = None,
   """
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt_dir):
-    raise UserInputError(f"workdir {workdir} has no checkpoints/: train first with "
-                         f"python -m alexnet_jax.main --workdir={workdir}, or pass the workdir of a run")
+    raise UserInputError(
+      f"workdir {workdir} has no checkpoints/: train first with "
+      f"python -m alexnet_jax.main --workdir={workdir}, or pass the workdir of a run"
+    )
   config = checkpoints.load_config(workdir)
   if config is None:
-    raise UserInputError(f"workdir {workdir} has checkpoints but no {checkpoints.CONFIG_FILE}: "
-                         "the model they hold is unknown")
+    raise UserInputError(
+      f"workdir {workdir} has checkpoints but no {checkpoints.CONFIG_FILE}: "
+      "the model they hold is unknown"
+    )
   if variant is not None and variant != config.model.variant:
-    raise UserInputError(f"workdir {workdir} holds a {config.model.variant!r} net, not {variant!r}: "
-                         f"pass --variant={config.model.variant} or the workdir of a {variant!r} run")
+    raise UserInputError(
+      f"workdir {workdir} holds a {config.model.variant!r} net, not {variant!r}: "
+      f"pass --variant={config.model.variant} or the workdir of a {variant!r} run"
+    )
   mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False))
   try:
     steps = sorted(mgr.all_steps())
     if not steps:
-      raise UserInputError(f"{ckpt_dir} holds no finished checkpoint: train first, or pass another workdir")
+      raise UserInputError(
+        f"{ckpt_dir} holds no finished checkpoint: train first, or pass another workdir"
+      )
     step = steps[-1] if step is None else step
     if step not in steps:
       raise UserInputError(f"{ckpt_dir} has no checkpoint at step {step}; it has steps {steps}")
     mesh = sharding.make_mesh(1) if mesh is None else mesh
     model = train.create_model(config, mesh)
     target = _abstract_params(model, config.image_size, mesh)
-    restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
-        partial_restore=True))
+    restored = mgr.restore(
+      step,
+      args=ocp.args.PyTreeRestore(
+        item={"params": target},
+        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+        partial_restore=True,
+      ),
+    )
   finally:
     mgr.close()
   return Restored(config=config, model=model, params=restored["params"], step=step, mesh=mesh)
@@ -73,5 +88,8 @@ def _abstract_params(model: AlexNet, image_size: int, mesh: Mesh) -> Any:
   """Shapes, dtypes and shardings of the parameters, with nothing allocated."""
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   shapes = jax.eval_shape(model.clone(mesh=None).init, jax.random.key(0), image)["params"]
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, sharding.tree_shardings(shapes, mesh))
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    shapes,
+    sharding.tree_shardings(shapes, mesh),
+  )

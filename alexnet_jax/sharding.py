@@ -12,15 +12,16 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.models import TOWER_LAYERS
 
 # (regex on the "/"-joined parameter path, spec): the first match wins. Tower layers are
 # split over `model` on their leading tower axis; everything else is replicated.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    (rf"(^|/)({'|'.join(TOWER_LAYERS)})/", P("model")),
-    (r".*", P()),
+  (rf"(^|/)({'|'.join(TOWER_LAYERS)})/", P("model")),
+  (r".*", P()),
 )
 
 
@@ -28,10 +29,14 @@ def make_mesh(model: int = 1, devices: Sequence[jax.Device] | None = None) -> Me
   """A ('data', 'model') mesh over `devices` (default: every device of every host)."""
   devices = list(jax.devices() if devices is None else devices)
   if model not in (1, 2):
-    raise ValueError(f"model={model}: the model axis must be 1 (towers together) or 2 "
-                     "(one tower per device, as in the paper)")
+    raise ValueError(
+      f"model={model}: the model axis must be 1 (towers together) or 2 "
+      "(one tower per device, as in the paper)"
+    )
   if len(devices) % model:
-    raise ValueError(f"{len(devices)} devices cannot be split into pairs for model={model}; use model=1")
+    raise ValueError(
+      f"{len(devices)} devices cannot be split into pairs for model={model}; use model=1"
+    )
   shape = (len(devices) // model, model)
   try:  # topology-aware order on TPU/GPU: tower pairs on neighbouring chips
     grid = mesh_utils.create_device_mesh(shape, devices)
@@ -58,10 +63,12 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEF
   Rules are searched anywhere in the path, so `opt_state/0/trace/conv1/kernel` follows
   the rule of `conv1/kernel`; scalars are replicated.
   """
+
   def one(path, leaf):
     if np.ndim(leaf) == 0:
       return NamedSharding(mesh, P())
     return NamedSharding(mesh, spec_for(path_str(path), rules))
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 

@@ -29,12 +29,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
 
 
-def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int, skip_nonfinite: bool = False):
+def make_train_step(
+  model: AlexNet, tx: optax.GradientTransformation, seed: int, skip_nonfinite: bool = False
+):
   """One SGD step; dropout's randomness is a function of (seed, step) only.
 
   'finite' in the metrics says whether the loss and every gradient were finite; with
   `skip_nonfinite` such a step leaves the parameters and optimizer state as they were.
   """
+
   def train_step(state: TrainState, batch: dict, mean_image: jax.Array) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     images = augment.normalize(batch, mean_image)
@@ -44,16 +47,26 @@ def make_train_step(model: AlexNet, tx: optax.GradientTransformation, seed: int,
       return jnp.mean(cross_entropy(logits, batch["label"])), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    finite = jnp.isfinite(loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
     if skip_nonfinite:
       keep = lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf)
-      new = new.replace(params=jax.tree.map(keep, new.params, state.params),
-                        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
-    return new, {"train/loss": loss,
-                 "train/top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
-                 "learning_rate": opt_state.hyperparams["learning_rate"], "finite": finite}
+      new = new.replace(
+        params=jax.tree.map(keep, new.params, state.params),
+        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+      )
+    return new, {
+      "train/loss": loss,
+      "train/top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
+      "learning_rate": opt_state.hyperparams["learning_rate"],
+      "finite": finite,
+    }
+
   return train_step
 
 
@@ -63,6 +76,7 @@ def make_eval_step(model: AlexNet):
   Images of shape (batch, crops, H, W, 3) are the paper's ten patches: their softmax
   outputs are averaged (log of the mean, computed stably).
   """
+
   def eval_step(params: Any, batch: dict, mean_image: jax.Array) -> dict:
     images = augment.normalize(batch, mean_image)
     crops = images.shape[1] if images.ndim == 5 else 1
@@ -72,8 +86,11 @@ def make_eval_step(model: AlexNet):
     mask, labels = batch["mask"], batch["label"]
     top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
     in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
-    return {"loss": jnp.sum(cross_entropy(log_probs, labels) * mask),
-            "top1_wrong": jnp.sum((jnp.argmax(log_probs, -1) != labels) * mask),
-            "top5_wrong": jnp.sum((~in_top5) * mask),
-            "count": jnp.sum(mask)}
+    return {
+      "loss": jnp.sum(cross_entropy(log_probs, labels) * mask),
+      "top1_wrong": jnp.sum((jnp.argmax(log_probs, -1) != labels) * mask),
+      "top5_wrong": jnp.sum((~in_top5) * mask),
+      "count": jnp.sum(mask),
+    }
+
   return eval_step

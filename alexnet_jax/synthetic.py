@@ -55,16 +55,16 @@ def _speckle(x, y, p, rng):
 
 
 TEXTURES: dict[str, Callable] = {
-    "checker": _checker,
-    "diamonds": _diamonds,
-    "dots": _dots,
-    "grid": _grid,
-    "hstripes": lambda x, y, p, rng: _stripes(y, x, p, rng),
-    "rings": _rings,
-    "solid": lambda x, y, p, rng: np.ones_like(x, bool),
-    "speckle": _speckle,
-    "vstripes": lambda x, y, p, rng: _stripes(x, y, p, rng),
-    "zigzag": _zigzag,
+  "checker": _checker,
+  "diamonds": _diamonds,
+  "dots": _dots,
+  "grid": _grid,
+  "hstripes": lambda x, y, p, rng: _stripes(y, x, p, rng),
+  "rings": _rings,
+  "solid": lambda x, y, p, rng: np.ones_like(x, bool),
+  "speckle": _speckle,
+  "vstripes": lambda x, y, p, rng: _stripes(x, y, p, rng),
+  "zigzag": _zigzag,
 }
 CLASSES = tuple(sorted(TEXTURES))
 
@@ -82,15 +82,20 @@ def render(label: int, seed: Sequence[int]) -> Image.Image:
   canvas = Image.fromarray(image.astype(np.uint8))
   draw = ImageDraw.Draw(canvas)
   for _ in range(int(rng.integers(2, 6))):  # clutter
-    draw.line(list(rng.uniform(0, SIDE, 4)), fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
-              width=int(rng.integers(1, 3)))
+    draw.line(
+      list(rng.uniform(0, SIDE, 4)),
+      fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+      width=int(rng.integers(1, 3)),
+    )
   image = np.asarray(canvas, np.float64)
 
   half = rng.uniform(0.3, 0.45) * SIDE
   cx, cy = rng.uniform(half, SIDE - half, 2)
   period = rng.uniform(9, 14)
   shift_x, shift_y = rng.uniform(0, period, 2)  # patch-centred coordinates with a random phase
-  pattern = TEXTURES[CLASSES[label]](x - cx + SIDE / 2 + shift_x, y - cy + SIDE / 2 + shift_y, period, rng)
+  pattern = TEXTURES[CLASSES[label]](
+    x - cx + SIDE / 2 + shift_x, y - cy + SIDE / 2 + shift_y, period, rng
+  )
   ink, paper = _colour(rng), _colour(rng)
   while np.abs(ink - paper).sum() < 150:  # a visible texture
     paper = _colour(rng)
@@ -98,13 +103,17 @@ def render(label: int, seed: Sequence[int]) -> Image.Image:
 
   patch = Image.new("L", (SIDE, SIDE), 0)
   box = [cx - half, cy - half, cx + half, cy + half]
-  (ImageDraw.Draw(patch).ellipse if rng.random() < 0.5 else ImageDraw.Draw(patch).rectangle)(box, fill=255)
+  (ImageDraw.Draw(patch).ellipse if rng.random() < 0.5 else ImageDraw.Draw(patch).rectangle)(
+    box, fill=255
+  )
   inside = (np.asarray(patch) > 0)[..., None]
   out = np.where(inside, texture + rng.normal(0, 8, texture.shape), image)
   return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
-def generate(data_dir: str, train_per_class: int = 300, val_per_class: int = 50, seed: int = 0) -> str:
+def generate(
+  data_dir: str, train_per_class: int = 300, val_per_class: int = 50, seed: int = 0
+) -> str:
   """Writes the dataset under data_dir unless a complete copy is there; returns data_dir.
 
   A marker file written last makes an interrupted generation start again rather than
@@ -119,7 +128,9 @@ def generate(data_dir: str, train_per_class: int = 300, val_per_class: int = 50,
       folder = os.path.join(data_dir, split, name)
       os.makedirs(folder, exist_ok=True)
       for i in range(count):
-        render(label, [seed, offset + label * count + i]).save(os.path.join(folder, f"{name}_{i:05d}.jpg"), quality=90)
+        render(label, [seed, offset + label * count + i]).save(
+          os.path.join(folder, f"{name}_{i:05d}.jpg"), quality=90
+        )
   with open(marker, "w") as f:
     f.write(expected)
   return data_dir

@@ -24,15 +24,30 @@ class TorchvisionAlexNet(nn.Module):
   def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
     super().__init__()
     self.features = nn.Sequential(
-        nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
+      nn.Conv2d(3, 64, 11, 4, 2),
+      nn.ReLU(inplace=True),
+      nn.MaxPool2d(3, 2),
+      nn.Conv2d(64, 192, 5, padding=2),
+      nn.ReLU(inplace=True),
+      nn.MaxPool2d(3, 2),
+      nn.Conv2d(192, 384, 3, padding=1),
+      nn.ReLU(inplace=True),
+      nn.Conv2d(384, 256, 3, padding=1),
+      nn.ReLU(inplace=True),
+      nn.Conv2d(256, 256, 3, padding=1),
+      nn.ReLU(inplace=True),
+      nn.MaxPool2d(3, 2),
+    )
     self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
     self.classifier = nn.Sequential(
-        nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
-        nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Linear(4096, num_classes))
+      nn.Dropout(dropout),
+      nn.Linear(256 * 6 * 6, 4096),
+      nn.ReLU(inplace=True),
+      nn.Dropout(dropout),
+      nn.Linear(4096, 4096),
+      nn.ReLU(inplace=True),
+      nn.Linear(4096, num_classes),
+    )
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -46,8 +61,13 @@ class _TowerLRN(nn.Module):
     self.groups, self.size, self.alpha, self.beta, self.k = groups, size, alpha, beta, k
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([F.local_response_norm(g, self.size, self.alpha, self.beta, self.k)
-                      for g in x.chunk(self.groups, 1)], 1)
+    return torch.cat(
+      [
+        F.local_response_norm(g, self.size, self.alpha, self.beta, self.k)
+        for g in x.chunk(self.groups, 1)
+      ],
+      1,
+    )
 
 
 class GroupedAlexNet(nn.Module):
@@ -55,9 +75,18 @@ class GroupedAlexNet(nn.Module):
   (lrn_scope="tower", k=2, alpha 1e-4 not divided by n) or across all maps as Caffe
   (lrn_scope="all", lrn_k=1, lrn_alpha=2e-5). pool5_side: 6 for 227 inputs."""
 
-  def __init__(self, num_classes: int = 1000, towers: int = 2, pool5_side: int = 6, lrn_scope: str = "tower",
-               lrn_k: float = 2.0, lrn_n: int = 5, lrn_alpha: float = 1e-4, lrn_beta: float = 0.75,
-               dropout: float = 0.5):
+  def __init__(
+    self,
+    num_classes: int = 1000,
+    towers: int = 2,
+    pool5_side: int = 6,
+    lrn_scope: str = "tower",
+    lrn_k: float = 2.0,
+    lrn_n: int = 5,
+    lrn_alpha: float = 1e-4,
+    lrn_beta: float = 0.75,
+    dropout: float = 0.5,
+  ):
     super().__init__()
     arch = make_arch("paper", towers)
     c = [w * towers for w in arch.conv_widths]
@@ -67,11 +96,13 @@ class GroupedAlexNet(nn.Module):
     self.conv3 = nn.Conv2d(c[1], c[2], 3, padding=1)  # reads both towers
     self.conv4 = nn.Conv2d(c[2], c[3], 3, padding=1, groups=towers)
     self.conv5 = nn.Conv2d(c[3], c[4], 3, padding=1, groups=towers)
-    self.fc6 = nn.Linear(c[4] * pool5_side ** 2, f[0])
+    self.fc6 = nn.Linear(c[4] * pool5_side**2, f[0])
     self.fc7 = nn.Linear(f[0], f[1])
     self.fc8 = nn.Linear(f[1], num_classes)
     # PyTorch divides alpha by n; the paper's alpha is not.
-    self.lrn = _TowerLRN(towers if lrn_scope == "tower" else 1, lrn_n, lrn_alpha * lrn_n, lrn_beta, lrn_k)
+    self.lrn = _TowerLRN(
+      towers if lrn_scope == "tower" else 1, lrn_n, lrn_alpha * lrn_n, lrn_beta, lrn_k
+    )
     self.pool = nn.MaxPool2d(3, 2)
     self.dropout = nn.Dropout(dropout)
 

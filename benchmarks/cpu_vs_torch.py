@@ -20,8 +20,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alexnet_jax import bench  # first: sets the simulated CPU devices before JAX starts
-
 import argparse
 import json
 import statistics
@@ -29,6 +27,8 @@ import time
 from typing import Callable
 
 import jax
+
+from alexnet_jax import bench  # first: sets the simulated CPU devices before JAX starts
 
 try:
   import torch
@@ -48,7 +48,10 @@ def torch_runner(batch_size: int, channels_last: bool):
   net = GroupedAlexNet()
   x = torch.randn(batch_size, 3, SIDE, SIDE)
   if channels_last:
-    net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    net, x = (
+      net.to(memory_format=torch.channels_last),
+      x.contiguous(memory_format=torch.channels_last),
+    )
   y = torch.arange(batch_size) % 1000
   opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
   net.train()
@@ -65,10 +68,12 @@ def torch_runner(batch_size: int, channels_last: bool):
 
 def counting_cpu(run: Callable[[int], None], per_call: list) -> Callable[[int], None]:
   """`run`, recording the process's CPU seconds per call: the work done, whatever the load."""
+
   def counted(n: int) -> None:
     t0 = time.process_time()
     run(n)
     per_call.append((time.process_time() - t0) / n)
+
   return counted
 
 
@@ -77,37 +82,68 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--round_seconds", type=float, default=3.0)
-  parser.add_argument("--meshes", default="none", help="our meshes, comma-separated: none, 1x2, ...")
+  parser.add_argument(
+    "--meshes", default="none", help="our meshes, comma-separated: none, 1x2, ..."
+  )
   args = parser.parse_args()
   runners = {}
   for mesh in args.meshes.split(","):
-    runners[f"jax {mesh}"] = bench.build(bench.Case(mesh, "float32", args.batch_size), "paper", SIDE).train
+    runners[f"jax {mesh}"] = bench.build(
+      bench.Case(mesh, "float32", args.batch_size), "paper", SIDE
+    ).train
   torch_sides = ("torch NCHW", "torch channels_last") if torch is not None else ()
   for side in torch_sides:
     runners[side] = torch_runner(args.batch_size, channels_last=side.endswith("channels_last"))
   counts = {k: bench.steps_for(r, args.round_seconds) for k, r in runners.items()}
   cpu = {k: [] for k in runners}
-  times = bench.time_rounds({k: counting_cpu(r, cpu[k]) for k, r in runners.items()}, counts, args.rounds)
+  times = bench.time_rounds(
+    {k: counting_cpu(r, cpu[k]) for k, r in runners.items()}, counts, args.rounds
+  )
   torch_best = min(torch_sides, key=lambda k: statistics.median(times[k]), default=None)
-  rows = {k: {"images_per_sec": round(args.batch_size / statistics.median(t), 2),
-              "images_per_sec_best": round(args.batch_size / min(t), 2),
-              "speedup_vs_torch_eager": torch_best and round(bench.median_ratio(times[torch_best], t), 3),
-              "speedup_best_rounds": torch_best and round(min(times[torch_best]) / min(t), 3),
-              "cpu_seconds_per_step": round(statistics.median(cpu[k]), 3)}
-          for k, t in times.items()}
-  torch_info = (f"torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch is not None
-                else "torch not installed: no baseline, ratios left out (pip install torch to time it)")
-  print(f"batch {args.batch_size}, fp32, {SIDE}x{SIDE}, {args.rounds} alternating rounds; {torch_info}, "
-        f"jax {jax.__version__}, {os.cpu_count()} CPUs" + (f"; ratios against {torch_best}" if torch_best else ""))
-  print("| side | train img/s (median) | best round | x torch eager (median of rounds) | x torch eager (best rounds) "
-        "| CPU s per step |\n|---|---|---|---|---|---|")
+  rows = {
+    k: {
+      "images_per_sec": round(args.batch_size / statistics.median(t), 2),
+      "images_per_sec_best": round(args.batch_size / min(t), 2),
+      "speedup_vs_torch_eager": torch_best and round(bench.median_ratio(times[torch_best], t), 3),
+      "speedup_best_rounds": torch_best and round(min(times[torch_best]) / min(t), 3),
+      "cpu_seconds_per_step": round(statistics.median(cpu[k]), 3),
+    }
+    for k, t in times.items()
+  }
+  torch_info = (
+    f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch is not None
+    else "torch not installed: no baseline, ratios left out (pip install torch to time it)"
+  )
+  print(
+    f"batch {args.batch_size}, fp32, {SIDE}x{SIDE}, {args.rounds} alternating rounds; {torch_info}, "
+    f"jax {jax.__version__}, {os.cpu_count()} CPUs"
+    + (f"; ratios against {torch_best}" if torch_best else "")
+  )
+  print(
+    "| side | train img/s (median) | best round | x torch eager (median of rounds) | x torch eager (best rounds) "
+    "| CPU s per step |\n|---|---|---|---|---|---|"
+  )
   for k, r in rows.items():
-    print(f"| {k} | {r['images_per_sec']} | {r['images_per_sec_best']} | {r['speedup_vs_torch_eager']} | "
-          f"{r['speedup_best_rounds']} | {r['cpu_seconds_per_step']} |")
-  print(json.dumps({"batch_size": args.batch_size, "image_size": SIDE, "rounds": args.rounds,
-                    "torch": torch and torch.__version__, "torch_threads": torch and torch.get_num_threads(),
-                    "jax": jax.__version__,
-                    "cpus": os.cpu_count(), "torch_baseline": torch_best, "results": rows}))
+    print(
+      f"| {k} | {r['images_per_sec']} | {r['images_per_sec_best']} | {r['speedup_vs_torch_eager']} | "
+      f"{r['speedup_best_rounds']} | {r['cpu_seconds_per_step']} |"
+    )
+  print(
+    json.dumps(
+      {
+        "batch_size": args.batch_size,
+        "image_size": SIDE,
+        "rounds": args.rounds,
+        "torch": torch and torch.__version__,
+        "torch_threads": torch and torch.get_num_threads(),
+        "jax": jax.__version__,
+        "cpus": os.cpu_count(),
+        "torch_baseline": torch_best,
+        "results": rows,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -17,18 +17,19 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from alexnet_jax import bench  # first: sets the simulated CPU devices before JAX starts
-
 import argparse
 import json
 import statistics
 import tempfile
 
 import jax
-
-from alexnet_jax import input_pipeline as ip
-from alexnet_jax import prepare
 from input_pipeline import make_folder
+
+from alexnet_jax import (
+  bench,  # first: sets the simulated CPU devices before JAX starts
+  prepare,
+)
+from alexnet_jax import input_pipeline as ip
 
 
 def main() -> None:
@@ -46,19 +47,38 @@ def main() -> None:
     prepare.prepare(os.path.join(tmp, "raw"), os.path.join(tmp, "out"), stats_images=100)
     train, _ = ip.read_prepared(os.path.join(tmp, "out"))
     stats = ip.load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
-    batches = ip.train_batches(train, batch_size=args.batch_size, image_size=227, resize_size=256, stats=stats, seed=0)
-    runners = {"synthetic": bench.build(case, "paper", 227).train,
-               "input pipeline": bench.build(case, "paper", 227, batches=batches, mean_image=stats.mean_image).train}
+    batches = ip.train_batches(
+      train, batch_size=args.batch_size, image_size=227, resize_size=256, stats=stats, seed=0
+    )
+    runners = {
+      "synthetic": bench.build(case, "paper", 227).train,
+      "input pipeline": bench.build(
+        case, "paper", 227, batches=batches, mean_image=stats.mean_image
+      ).train,
+    }
     counts = {k: bench.steps_for(r, args.round_seconds) for k, r in runners.items()}
     times = bench.time_rounds(runners, counts, args.rounds)
   rows = {k: round(args.batch_size / statistics.median(t), 2) for k, t in times.items()}
   ratio = round(bench.median_ratio(times["synthetic"], times["input pipeline"]), 3)
-  print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, paper net, batch {args.batch_size}, {args.dtype}: "
-        f"synthetic {rows['synthetic']} images/s, input pipeline {rows['input pipeline']} images/s ({ratio}x)")
-  print(json.dumps({"device": jax.devices()[0].device_kind, "cpus": os.cpu_count(), "batch_size": args.batch_size,
-                    "dtype": args.dtype, "mesh": args.mesh, "rounds": args.rounds,
-                    "synthetic_images_per_sec": rows["synthetic"], "pipeline_images_per_sec": rows["input pipeline"],
-                    "pipeline_over_synthetic": ratio}))
+  print(
+    f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, paper net, batch {args.batch_size}, {args.dtype}: "
+    f"synthetic {rows['synthetic']} images/s, input pipeline {rows['input pipeline']} images/s ({ratio}x)"
+  )
+  print(
+    json.dumps(
+      {
+        "device": jax.devices()[0].device_kind,
+        "cpus": os.cpu_count(),
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "mesh": args.mesh,
+        "rounds": args.rounds,
+        "synthetic_images_per_sec": rows["synthetic"],
+        "pipeline_images_per_sec": rows["input pipeline"],
+        "pipeline_over_synthetic": ratio,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ device (`alexnet_jax.augment`), so it is not a host cost.
 """
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -36,7 +35,9 @@ def make_folder(root: str, images: int) -> None:
       low = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
       image = np.asarray(Image.fromarray(low).resize((500, 375), Image.BICUBIC), np.float32)
       image += rng.normal(0, 10, image.shape)
-      Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(os.path.join(root, split, "c", f"{i}.jpg"), quality=90)
+      Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+        os.path.join(root, split, "c", f"{i}.jpg"), quality=90
+      )
 
 
 def rate(iterator, seconds: float, batch: int) -> float:
@@ -62,10 +63,23 @@ def main():
     stats = ip.load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
     batch = 64
     whole, _ = ip._readers(train, 256)
-    bare = (tf.data.Dataset.range(len(train)).repeat().map(lambda i: whole(i)[0], num_parallel_calls=1)
-            .batch(batch).prefetch(2).as_numpy_iterator())
-    full = ip.train_batches(train, batch_size=batch, image_size=227, resize_size=256, stats=stats, seed=0,
-                            num_parallel_calls=1)
+    bare = (
+      tf.data.Dataset.range(len(train))
+      .repeat()
+      .map(lambda i: whole(i)[0], num_parallel_calls=1)
+      .batch(batch)
+      .prefetch(2)
+      .as_numpy_iterator()
+    )
+    full = ip.train_batches(
+      train,
+      batch_size=batch,
+      image_size=227,
+      resize_size=256,
+      stats=stats,
+      seed=0,
+      num_parallel_calls=1,
+    )
     decode, augment = [], []
     for _ in range(args.rounds):
       decode.append(rate(bare, args.seconds, batch))
@@ -73,8 +87,15 @@ def main():
     d, a = float(np.median(decode)), float(np.median(augment))
     print(f"bare decode (256x256 JPEG):          {d:8.1f} images/s per core")
     print(f"full training augmentation (227):    {a:8.1f} images/s per core")
-    print(json.dumps({"decode_images_per_sec_per_core": round(d, 1), "augment_images_per_sec_per_core": round(a, 1),
-                      "augment_over_decode": round(a / d, 3)}))
+    print(
+      json.dumps(
+        {
+          "decode_images_per_sec_per_core": round(d, 1),
+          "augment_images_per_sec_per_core": round(a, 1),
+          "augment_over_decode": round(a / d, 3),
+        }
+      )
+    )
 
 
 if __name__ == "__main__":

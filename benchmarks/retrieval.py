@@ -20,7 +20,9 @@ from alexnet_jax import retrieval  # noqa: E402
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--database_size", type=int, default=100_000)
   parser.add_argument("--dim", type=int, default=4096)
   parser.add_argument("--queries", type=int, default=1024)
@@ -33,13 +35,23 @@ def main() -> None:
   queries = rng.standard_normal((args.queries, args.dim), np.float32)
   chunks = dict(query_chunk=args.query_chunk, database_chunk=args.database_chunk)
   # Compiles the step for these chunk shapes (a one-chunk database pads to the same shapes).
-  retrieval.nearest(queries[:args.query_chunk], database[:args.database_chunk], args.k, **chunks)
+  retrieval.nearest(queries[: args.query_chunk], database[: args.database_chunk], args.k, **chunks)
   start = time.perf_counter()
   retrieval.nearest(queries, database, args.k, **chunks)
   seconds = time.perf_counter() - start
-  print(json.dumps({"queries_per_sec": round(args.queries / seconds, 1), "seconds": round(seconds, 2),
-                    "queries": args.queries, "database": [args.database_size, args.dim], "k": args.k,
-                    "device": str(jax.devices()[0]), **chunks}))
+  print(
+    json.dumps(
+      {
+        "queries_per_sec": round(args.queries / seconds, 1),
+        "seconds": round(seconds, 2),
+        "queries": args.queries,
+        "database": [args.database_size, args.dim],
+        "k": args.k,
+        "device": str(jax.devices()[0]),
+        **chunks,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

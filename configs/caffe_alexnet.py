@@ -18,7 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.lrn_alpha = 1e-4 / 5  # Caffe's alpha=1e-4 is divided by n=5
   config.model.bias_one = 0.1  # Caffe's biases (1 "gave flat loss"), for layers trained afresh
   config.mean_subtraction = "channel"
-  config.channel_mean = (122.67891434, 116.66876762, 104.00698793)  # Caffe's mean image per channel, RGB
+  config.channel_mean = (
+    122.67891434,
+    116.66876762,
+    104.00698793,
+  )  # Caffe's mean image per channel, RGB
   config.pca_noise_std = 0.0  # Caffe trained with crops and mirrors only
   config.eval_crops = 1  # Caffe's published 57.1% top-1 is the centre crop's
   return config

@@ -6,8 +6,12 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = "imagenet2012"  # "synthetic" | "image_folder" | "imagenet2012" (`prepare`'s shards)
-  config.data_dir = ""  # imagenet2012: prepare's --data_dir; synthetic: where to generate it ("" = WORKDIR/data)
+  config.dataset = (
+    "imagenet2012"  # "synthetic" | "image_folder" | "imagenet2012" (`prepare`'s shards)
+  )
+  config.data_dir = (
+    ""  # imagenet2012: prepare's --data_dir; synthetic: where to generate it ("" = WORKDIR/data)
+  )
   config.num_classes = 1000
   config.image_size = 227  # the crop; the paper's "224" is an erratum (see README)
   config.resize_size = 256  # shorter side rescaled to this, then the central square
@@ -24,7 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.towers = 2  # paper: 2, or 1 for its one-GPU comparison net
   config.model.activation = "relu"
   config.model.lrn = True
-  config.model.lrn_scope = "tower"  # "tower": each tower over its own maps (the paper) | "all" (Caffe)
+  config.model.lrn_scope = (
+    "tower"  # "tower": each tower over its own maps (the paper) | "all" (Caffe)
+  )
   config.model.lrn_k = 2.0
   config.model.lrn_n = 5
   config.model.lrn_alpha = 1e-4  # NOT divided by n (Caffe's and PyTorch's alpha is this times n)
@@ -58,7 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 5000
-  config.skip_nonfinite_steps = False  # False: a NaN/Inf loss stops the run; True: skip such steps, count them
-  config.num_devices = 0  # 0: every device of every host; N: the first N (e.g. to restore elsewhere)
+  config.skip_nonfinite_steps = (
+    False  # False: a NaN/Inf loss stops the run; True: skip such steps, count them
+  )
+  config.num_devices = (
+    0  # 0: every device of every host; N: the first N (e.g. to restore elsewhere)
+  )
   config.keep_checkpoints = 3  # the latest few; the best by val top-1 error is kept too
   return config

@@ -1,6 +1,5 @@
 """Checkpoint retention: the latest few and the best by validation error survive."""
 
-
 import jax.numpy as jnp
 
 from alexnet_jax import checkpoints
@@ -10,8 +9,12 @@ def test_latest_and_best_are_kept(tmp_path):
   mgr = checkpoints.manager(str(tmp_path), keep=1)
   state = {"w": jnp.zeros(3)}
   for step, err in ((1, 0.5), (2, 0.2), (3, 0.6), (4, None), (5, 0.7)):
-    checkpoints.save(mgr, step, {"w": jnp.full(3, float(step))},
-                     metrics=None if err is None else {checkpoints.BEST_METRIC: err})
+    checkpoints.save(
+      mgr,
+      step,
+      {"w": jnp.full(3, float(step))},
+      metrics=None if err is None else {checkpoints.BEST_METRIC: err},
+    )
   mgr.wait_until_finished()
   assert sorted(mgr.all_steps()) == [2, 5]  # the best (0.2) and the latest
   assert float(checkpoints.restore(mgr, state, step=2)["w"][0]) == 2.0

@@ -21,22 +21,37 @@ CAFFE_LRN = dict(lrn_scope="all", lrn_k=1.0, lrn_alpha=2e-5)
 
 # Hand-written layouts of the published files.
 TORCHVISION_SHAPES = {
-    "features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),
-    "features.3.weight": (192, 64, 5, 5), "features.3.bias": (192,),
-    "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
-    "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,),
-    "features.10.weight": (256, 256, 3, 3), "features.10.bias": (256,),
-    "classifier.1.weight": (4096, 9216), "classifier.1.bias": (4096,),
-    "classifier.4.weight": (4096, 4096), "classifier.4.bias": (4096,),
-    "classifier.6.weight": (10, 4096), "classifier.6.bias": (10,),
+  "features.0.weight": (64, 3, 11, 11),
+  "features.0.bias": (64,),
+  "features.3.weight": (192, 64, 5, 5),
+  "features.3.bias": (192,),
+  "features.6.weight": (384, 192, 3, 3),
+  "features.6.bias": (384,),
+  "features.8.weight": (256, 384, 3, 3),
+  "features.8.bias": (256,),
+  "features.10.weight": (256, 256, 3, 3),
+  "features.10.bias": (256,),
+  "classifier.1.weight": (4096, 9216),
+  "classifier.1.bias": (4096,),
+  "classifier.4.weight": (4096, 4096),
+  "classifier.4.bias": (4096,),
+  "classifier.6.weight": (10, 4096),
+  "classifier.6.bias": (10,),
 }
 
 
 def caffe_shapes(side, num_classes):
   """bvlc_alexnet in caffe-tensorflow's .npy: HWIO, grouped conv2/4/5, (in, out), fc6 rows HWC."""
-  return {"conv1": (11, 11, 3, 96), "conv2": (5, 5, 48, 256), "conv3": (3, 3, 256, 384),
-          "conv4": (3, 3, 192, 384), "conv5": (3, 3, 192, 256), "fc6": (256 * side * side, 4096),
-          "fc7": (4096, 4096), "fc8": (4096, num_classes)}
+  return {
+    "conv1": (11, 11, 3, 96),
+    "conv2": (5, 5, 48, 256),
+    "conv3": (3, 3, 256, 384),
+    "conv4": (3, 3, 192, 384),
+    "conv5": (3, 3, 192, 256),
+    "fc6": (256 * side * side, 4096),
+    "fc7": (4096, 4096),
+    "fc8": (4096, num_classes),
+  }
 
 
 def normal(rng, shape, std):
@@ -45,8 +60,10 @@ def normal(rng, shape, std):
 
 def random_torchvision(rng):
   """He-scaled weights, so that activations keep their size through the net."""
-  return {k: normal(rng, s, np.sqrt(2 / np.prod(s[1:])) if k.endswith("weight") else 0.1)
-          for k, s in TORCHVISION_SHAPES.items()}
+  return {
+    k: normal(rng, s, np.sqrt(2 / np.prod(s[1:])) if k.endswith("weight") else 0.1)
+    for k, s in TORCHVISION_SHAPES.items()
+  }
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +72,24 @@ def torchvision_sd():
 
 
 def random_caffe(rng, side, num_classes):
-  return {name: [normal(rng, s, np.sqrt(2 / np.prod(s[:-1]))), normal(rng, s[-1:], 0.1)]
-          for name, s in caffe_shapes(side, num_classes).items()}
+  return {
+    name: [normal(rng, s, np.sqrt(2 / np.prod(s[:-1]))), normal(rng, s[-1:], 0.1)]
+    for name, s in caffe_shapes(side, num_classes).items()
+  }
 
 
 # A numpy forward pass written from the frameworks' definitions: NHWC, HWIO, float64.
 
+
 def np_conv(x, w, b, stride, pad, groups):
   x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  win = sliding_window_view(x, w.shape[:2], axis=(1, 2))[:, ::stride, ::stride]  # n, oh, ow, c, kh, kw
-  outs = [np.tensordot(xg, wg, axes=([3, 4, 5], [2, 0, 1]))
-          for xg, wg in zip(np.split(win, groups, 3), np.split(w, groups, 3))]
+  win = sliding_window_view(x, w.shape[:2], axis=(1, 2))[
+    :, ::stride, ::stride
+  ]  # n, oh, ow, c, kh, kw
+  outs = [
+    np.tensordot(xg, wg, axes=([3, 4, 5], [2, 0, 1]))
+    for xg, wg in zip(np.split(win, groups, 3), np.split(w, groups, 3))
+  ]
   return np.concatenate(outs, -1) + b
 
 
@@ -73,7 +97,7 @@ def np_lrn(a, k, scale, beta, groups, n=5):
   """b = a / (k + scale * sum of a^2 over n neighbouring maps)^beta, within each group."""
   outs = []
   for g in np.split(a, groups, -1):
-    s = sliding_window_view(np.pad(g ** 2, [(0, 0)] * 3 + [(n // 2, n // 2)]), n, axis=-1).sum(-1)
+    s = sliding_window_view(np.pad(g**2, [(0, 0)] * 3 + [(n // 2, n // 2)]), n, axis=-1).sum(-1)
     outs.append(g / (k + scale * s) ** beta)
   return np.concatenate(outs, -1)
 
@@ -81,8 +105,17 @@ def np_lrn(a, k, scale, beta, groups, n=5):
 def np_forward(layers, x, *, pad1, groups, lrn, flatten):
   """layers: {name: (HWIO kernel or (in, out) matrix, bias)}; lrn: None or (k, scale, beta, groups)."""
   h = x.astype(np.float64)
-  for name, stride, pad in (("conv1", 4, pad1), ("conv2", 1, 2), ("conv3", 1, 1), ("conv4", 1, 1), ("conv5", 1, 1)):
-    h = np.maximum(np_conv(h, *layers[name], stride, pad, groups if name in ("conv2", "conv4", "conv5") else 1), 0)
+  for name, stride, pad in (
+    ("conv1", 4, pad1),
+    ("conv2", 1, 2),
+    ("conv3", 1, 1),
+    ("conv4", 1, 1),
+    ("conv5", 1, 1),
+  ):
+    h = np.maximum(
+      np_conv(h, *layers[name], stride, pad, groups if name in ("conv2", "conv4", "conv5") else 1),
+      0,
+    )
     if lrn and name in ("conv1", "conv2"):
       h = np_lrn(h, *lrn)
     if name in ("conv1", "conv2", "conv5"):
@@ -102,8 +135,21 @@ def torch_layers(state_dict, prefixes):
   return out
 
 
-TORCHVISION_PREFIXES = dict(zip(convert.LAYERS, ("features.0", "features.3", "features.6", "features.8",
-                                                 "features.10", "classifier.1", "classifier.4", "classifier.6")))
+TORCHVISION_PREFIXES = dict(
+  zip(
+    convert.LAYERS,
+    (
+      "features.0",
+      "features.3",
+      "features.6",
+      "features.8",
+      "features.10",
+      "classifier.1",
+      "classifier.4",
+      "classifier.6",
+    ),
+  )
+)
 
 
 def assert_logits_close(ours, ref):
@@ -113,18 +159,26 @@ def assert_logits_close(ours, ref):
 def paper_params(side, num_classes, seed=0, towers=None):
   """Random He-scaled parameters of the paper net for side x side inputs (numpy: no tracing)."""
   rng, pool5 = np.random.default_rng(seed), {67: 1, 99: 2, 227: 6}[side]
-  return {name: {"kernel": normal(rng, k, np.sqrt(2 / (np.prod(k[1:-1]) if len(k) > 2 else k[0]))),
-                 "bias": normal(rng, b, 0.1)}
-          for name, (k, b) in param_shapes(make_arch("paper", towers), num_classes, pool5).items()}
+  return {
+    name: {
+      "kernel": normal(rng, k, np.sqrt(2 / (np.prod(k[1:-1]) if len(k) > 2 else k[0]))),
+      "bias": normal(rng, b, 0.1),
+    }
+    for name, (k, b) in param_shapes(make_arch("paper", towers), num_classes, pool5).items()
+  }
 
 
-@pytest.mark.parametrize("variant, towers, side", [("paper", None, 227), ("paper", 1, 227), ("paper", None, 99),
-                                                   ("torchvision", None, 224)])
+@pytest.mark.parametrize(
+  "variant, towers, side",
+  [("paper", None, 227), ("paper", 1, 227), ("paper", None, 99), ("torchvision", None, 224)],
+)
 def test_param_shapes_are_the_models(variant, towers, side):
   model = AlexNet(num_classes=7, variant=variant, towers=towers)
   init = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
   pool5 = {227: 6, 224: 6, 99: 2}[side]
-  assert {n: (l["kernel"].shape, l["bias"].shape) for n, l in init.items()} == param_shapes(model.arch, 7, pool5)
+  assert {n: (l["kernel"].shape, l["bias"].shape) for n, l in init.items()} == param_shapes(
+    model.arch, 7, pool5
+  )
 
 
 def test_configs_run_the_weights_as_trained():
@@ -136,13 +190,19 @@ def test_configs_run_the_weights_as_trained():
 def test_torchvision_state_dict_gives_the_numpy_reference_logits(torchvision_sd):
   sd, rng = torchvision_sd, np.random.default_rng(0)
   x = rng.uniform(-2, 2, (2, 224, 224, 3)).astype(np.float32)  # torchvision's normalised input
-  ref = np_forward(torch_layers(sd, TORCHVISION_PREFIXES), x, pad1=2, groups=1, lrn=None, flatten="chw")
-  ours = AlexNet(num_classes=10, variant="torchvision").apply({"params": convert.from_torchvision(sd)}, x)
+  ref = np_forward(
+    torch_layers(sd, TORCHVISION_PREFIXES), x, pad1=2, groups=1, lrn=None, flatten="chw"
+  )
+  ours = AlexNet(num_classes=10, variant="torchvision").apply(
+    {"params": convert.from_torchvision(sd)}, x
+  )
   assert_logits_close(ours, ref)
   # With the std folded into conv1, the net takes pixels minus the mean in 0-255 units.
   folded = convert.from_torchvision(sd, input_std=convert.TORCHVISION_STD)
   pixels = x * np.asarray(convert.TORCHVISION_STD, np.float32)
-  assert_logits_close(AlexNet(num_classes=10, variant="torchvision").apply({"params": folded}, pixels), ref)
+  assert_logits_close(
+    AlexNet(num_classes=10, variant="torchvision").apply({"params": folded}, pixels), ref
+  )
 
 
 def test_caffe_npy_gives_the_numpy_reference_logits(tmp_path):
@@ -152,27 +212,51 @@ def test_caffe_npy_gives_the_numpy_reference_logits(tmp_path):
   path = str(tmp_path / "bvlc_alexnet.npy")
   np.save(path, layers, allow_pickle=True)  # how caffe-tensorflow writes it: a pickled dict
   bgr = rng.uniform(-120, 120, (2, 99, 99, 3)).astype(np.float32)
-  ref = np_forward({k: tuple(v) for k, v in layers.items()}, bgr, pad1=0, groups=2, lrn=(1.0, 1e-4 / 5, 0.75, 1),
-                   flatten="hwc")
+  ref = np_forward(
+    {k: tuple(v) for k, v in layers.items()},
+    bgr,
+    pad1=0,
+    groups=2,
+    lrn=(1.0, 1e-4 / 5, 0.75, 1),
+    flatten="hwc",
+  )
   model = AlexNet(num_classes=5, **CAFFE_LRN)
   assert_logits_close(model.apply({"params": convert.from_caffe_npy(path)}, bgr), ref)
   rgb = bgr[..., ::-1]
   assert_logits_close(model.apply({"params": convert.from_caffe_npy(path, rgb=True)}, rgb), ref)
   # caffe-tensorflow's other form, {layer: {"weights", "biases"}}, reads the same.
   named = {k: {"weights": w, "biases": b} for k, (w, b) in layers.items()}
-  np.testing.assert_array_equal(convert.from_caffe(named)["fc6"]["kernel"], convert.from_caffe(layers)["fc6"]["kernel"])
+  np.testing.assert_array_equal(
+    convert.from_caffe(named)["fc6"]["kernel"], convert.from_caffe(layers)["fc6"]["kernel"]
+  )
   # The paper's per-tower LRN gives other numbers: the option matters.
-  assert not np.allclose(AlexNet(num_classes=5, lrn_k=1.0, lrn_alpha=2e-5).apply(
-      {"params": convert.from_caffe(layers)}, bgr), ref, rtol=1e-3)
+  assert not np.allclose(
+    AlexNet(num_classes=5, lrn_k=1.0, lrn_alpha=2e-5).apply(
+      {"params": convert.from_caffe(layers)}, bgr
+    ),
+    ref,
+    rtol=1e-3,
+  )
 
 
 def test_grouped_export_gives_the_numpy_reference_logits():
   params = paper_params(99, num_classes=6)
   sd = convert.to_torch_grouped(params)
-  assert list(sd)[:2] == ["conv1.weight", "conv1.bias"] and sd["conv2.weight"].shape == (256, 48, 5, 5)
+  assert list(sd)[:2] == ["conv1.weight", "conv1.bias"] and sd["conv2.weight"].shape == (
+    256,
+    48,
+    5,
+    5,
+  )
   x = np.random.default_rng(2).uniform(-120, 120, (2, 99, 99, 3)).astype(np.float32)
-  ref = np_forward(torch_layers(sd, {n: n for n in convert.LAYERS}), x, pad1=0, groups=2,
-                   lrn=(2.0, 1e-4, 0.75, 2), flatten="chw")  # the paper's LRN: per tower, alpha not divided
+  ref = np_forward(
+    torch_layers(sd, {n: n for n in convert.LAYERS}),
+    x,
+    pad1=0,
+    groups=2,
+    lrn=(2.0, 1e-4, 0.75, 2),
+    flatten="chw",
+  )  # the paper's LRN: per tower, alpha not divided
   assert_logits_close(AlexNet(num_classes=6).apply({"params": params}, x), ref)
 
 
@@ -193,7 +277,9 @@ def test_round_trips_are_exact(torchvision_sd):
   caffe = convert.from_caffe(random_caffe(rng, side=2, num_classes=3))
   assert_trees_equal(convert.from_torch_grouped(convert.to_torch_grouped(caffe)), caffe)
   # Folding the input std into conv1 and out again is exact up to float rounding.
-  back = convert.to_torchvision(convert.from_torchvision(sd, convert.TORCHVISION_STD), convert.TORCHVISION_STD)
+  back = convert.to_torchvision(
+    convert.from_torchvision(sd, convert.TORCHVISION_STD), convert.TORCHVISION_STD
+  )
   np.testing.assert_allclose(back["features.0.weight"], sd["features.0.weight"], rtol=1e-6)
 
 
@@ -211,18 +297,23 @@ def test_state_dict_files_round_trip(tmp_path, suffix, torchvision_sd):
 
 def test_lrn_across_all_maps_is_the_same_on_a_tower_mesh():
   x = jax.random.uniform(jax.random.key(1), (4, 67, 67, 3), maxval=100.0)
-  model = AlexNet(num_classes=5, lrn_alpha=1e-2, lrn_scope="all")  # a large alpha makes the tower edge count
+  model = AlexNet(
+    num_classes=5, lrn_alpha=1e-2, lrn_scope="all"
+  )  # a large alpha makes the tower edge count
   params = paper_params(67, num_classes=5)
   ref = model.apply({"params": params}, x)
   mesh = sharding.make_mesh(2)  # 4x2: one tower per device
   params = jax.device_put(params, sharding.tree_shardings(params, mesh))
-  sharded = model.clone(mesh=mesh).apply({"params": params}, jax.device_put(x, sharding.batch_sharding(mesh)))
+  sharded = model.clone(mesh=mesh).apply(
+    {"params": params}, jax.device_put(x, sharding.batch_sharding(mesh))
+  )
   np.testing.assert_allclose(sharded, ref, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="unknown lrn_scope 'gpu'"):
     AlexNet(lrn_scope="gpu")
 
 
 # Bad input.
+
 
 def test_missing_extra_and_misshaped_tensors_are_listed(torchvision_sd):
   sd = dict(torchvision_sd)
@@ -236,7 +327,9 @@ def test_missing_extra_and_misshaped_tensors_are_listed(torchvision_sd):
   assert "classifier.4.weight (100, 4096) (expected (4096, 4096))" in message
   layers = random_caffe(np.random.default_rng(5), side=1, num_classes=3)
   layers["conv2"][0] = layers["conv2"][0][..., :128]
-  with pytest.raises(UserInputError, match=r"conv2.weights \(5, 5, 48, 128\) \(expected \(5, 5, 48, 256\)\)"):
+  with pytest.raises(
+    UserInputError, match=r"conv2.weights \(5, 5, 48, 128\) \(expected \(5, 5, 48, 256\)\)"
+  ):
     convert.from_caffe(layers)
   with pytest.raises(UserInputError, match="'fc8' holds ndarray, not \\[weights, biases\\]"):
     convert.from_caffe(layers | {"fc8": layers["fc8"][0]})
@@ -283,7 +376,9 @@ def test_restricted_unpickler_refuses_code(tmp_path):
   marker = tmp_path / "pwned"
   path = str(tmp_path / "bvlc_alexnet.npy")
   np.save(path, {"conv1": [_Exploit(marker), np.zeros(96, np.float32)]}, allow_pickle=True)
-  with pytest.raises(UserInputError, match=r"refusing .*: its pickle calls (posix|os)\.system.*nothing was loaded"):
+  with pytest.raises(
+    UserInputError, match=r"refusing .*: its pickle calls (posix|os)\.system.*nothing was loaded"
+  ):
     convert.from_caffe_npy(path)
   assert not marker.exists()
   # The same file in a .npz (pickled arrays) is refused too.
@@ -296,8 +391,13 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 def test_command_line_prints_one_line_errors(tmp_path):
   path = str(tmp_path / "bvlc_alexnet.npy")
   np.save(path, {"conv1": [_Exploit(tmp_path / "pwned"), 0]}, allow_pickle=True)
-  run = subprocess.run([sys.executable, "-m", "alexnet_jax.convert", f"--input={path}", f"--output={tmp_path / 'o'}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  run = subprocess.run(
+    [sys.executable, "-m", "alexnet_jax.convert", f"--input={path}", f"--output={tmp_path / 'o'}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert run.returncode != 0
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith("error: refusing") and "Traceback" not in run.stderr
@@ -310,8 +410,15 @@ def restore_train_state(workdir):
 
   config = checkpoints.load_config(workdir)
   mesh = sharding.make_mesh(1)
-  target = jax.eval_shape(lambda: train._initial_state(train.create_model(config, mesh), train.create_optimizer(
-      config, 1, 1), config.image_size, config.seed, mesh)[0])
+  target = jax.eval_shape(
+    lambda: train._initial_state(
+      train.create_model(config, mesh),
+      train.create_optimizer(config, 1, 1),
+      config.image_size,
+      config.seed,
+      mesh,
+    )[0]
+  )
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
   state = checkpoints.restore(mgr, target)
   mgr.close()
@@ -350,23 +457,34 @@ def test_torchvision_and_caffe_files_import_with_their_configs(tmp_path, torchvi
   assert tuple(config.channel_mean) == (123.675, 116.28, 103.53)
   assert_trees_equal(jax.tree.map(np.asarray, state.params), convert.read_pretrained(source)[0])
   out = str(tmp_path / "back.pth" if importlib.util.find_spec("torch") else tmp_path / "back.npz")
-  assert convert.export_weights(workdir, out) == "torchvision"  # torchvision's std back out of conv1
+  assert (
+    convert.export_weights(workdir, out) == "torchvision"
+  )  # torchvision's std back out of conv1
   back = convert.read_state_dict(out)
   for k in torchvision_sd:
     np.testing.assert_allclose(back[k], torchvision_sd[k], rtol=1e-6, atol=1e-8)
   source, workdir = str(tmp_path / "bvlc_alexnet.npy"), str(tmp_path / "caffe")
-  np.save(source, random_caffe(np.random.default_rng(9), side=6, num_classes=1000), allow_pickle=True)
+  np.save(
+    source, random_caffe(np.random.default_rng(9), side=6, num_classes=1000), allow_pickle=True
+  )
   convert.import_weights(source, workdir)
   config, state = restore_train_state(workdir)
   assert (config.model.lrn_scope, config.model.lrn_k, config.image_size) == ("all", 1.0, 227)
-  assert tuple(config.channel_mean) == pytest.approx((122.68, 116.67, 104.01), abs=0.01)  # Caffe's, RGB
-  assert_trees_equal(jax.tree.map(np.asarray, state.params), convert.from_caffe_npy(source, rgb=True))
+  assert tuple(config.channel_mean) == pytest.approx(
+    (122.68, 116.67, 104.01), abs=0.01
+  )  # Caffe's, RGB
+  assert_trees_equal(
+    jax.tree.map(np.asarray, state.params), convert.from_caffe_npy(source, rgb=True)
+  )
 
 
 # PyTorch itself, where it is installed.
 
+
 def test_torch_nets_give_the_same_logits():
-  torch = pytest.importorskip("torch", reason="torch is not installed: pip install torch==2.13.0 (CPU) to run")
+  torch = pytest.importorskip(
+    "torch", reason="torch is not installed: pip install torch==2.13.0 (CPU) to run"
+  )
   from alexnet_jax import torch_nets
 
   torch.manual_seed(0)
@@ -375,20 +493,28 @@ def test_torch_nets_give_the_same_logits():
   with torch.no_grad():
     ref = net(torch.from_numpy(x)).numpy()
   params = convert.from_torchvision({k: v.numpy() for k, v in net.state_dict().items()})
-  ours = AlexNet(num_classes=10, variant="torchvision").apply({"params": params}, x.transpose(0, 2, 3, 1))
+  ours = AlexNet(num_classes=10, variant="torchvision").apply(
+    {"params": params}, x.transpose(0, 2, 3, 1)
+  )
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
   params = paper_params(99, num_classes=10)  # pool5 2x2: fc6's CHW order matters
   grouped = torch_nets.GroupedAlexNet(num_classes=10, pool5_side=2).eval()
-  grouped.load_state_dict({k: torch.from_numpy(v) for k, v in convert.to_torch_grouped(params).items()})
+  grouped.load_state_dict(
+    {k: torch.from_numpy(v) for k, v in convert.to_torch_grouped(params).items()}
+  )
   x = np.random.default_rng(8).uniform(-120, 120, (4, 99, 99, 3)).astype(np.float32)
   with torch.no_grad():
     ref = grouped(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  np.testing.assert_allclose(AlexNet(num_classes=10).apply({"params": params}, x), ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    AlexNet(num_classes=10).apply({"params": params}, x), ref, atol=1e-4, rtol=1e-4
+  )
 
 
 def test_torch_pth_is_read_with_weights_only(tmp_path):
-  torch = pytest.importorskip("torch", reason="torch is not installed: pip install torch==2.13.0 (CPU) to run")
+  torch = pytest.importorskip(
+    "torch", reason="torch is not installed: pip install torch==2.13.0 (CPU) to run"
+  )
   path = str(tmp_path / "evil.pth")
   torch.save({"features.0.weight": torch.zeros(1), "x": _Exploit(tmp_path / "pwned")}, path)
   with pytest.raises(UserInputError, match="weights_only=True"):

@@ -32,7 +32,7 @@ def run(tmp_path_factory):
 
 
 def mesh(data, model):
-  return sharding.make_mesh(model, jax.devices()[:data * model])
+  return sharding.make_mesh(model, jax.devices()[: data * model])
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,15 @@ def test_features_file_contents(val_features):
 
 
 @pytest.mark.parametrize("data, model, batch_size", [(1, 1, 7), (1, 2, 6), (4, 2, 8), (8, 1, 24)])
-def test_same_features_on_any_mesh_and_batch_size(run, val_features, tmp_path, data, model, batch_size):
+def test_same_features_on_any_mesh_and_batch_size(
+  run, val_features, tmp_path, data, model, batch_size
+):
   """A checkpoint written on 8 devices restores on 1, 2 (one tower each) and 8; padding never changes a row."""
   restored = restore(run, mesh=mesh(data, model))
-  assert dict(restored.params["conv1"]["kernel"].sharding.mesh.shape) == {"data": data, "model": model}
+  assert dict(restored.params["conv1"]["kernel"].sharding.mesh.shape) == {
+    "data": data,
+    "model": model,
+  }
   path = str(tmp_path / "val.npz")
   extract.extract_split(restored, run, "val", path, batch_size=batch_size)
   f = featurefile.read(path)
@@ -85,16 +90,35 @@ def test_a_one_device_checkpoint_restores_on_eight(run, tmp_path):
 def test_cli_on_a_folder_skips_and_names_an_unreadable_image(run, val_features, tmp_path):
   folder = tmp_path / "images"
   os.makedirs(folder / "nested" / "deeper")
-  picked = {0: folder / "a.jpg", 7: folder / "nested" / "b.jpg", 19: folder / "nested" / "deeper" / "c.jpg"}
+  picked = {
+    0: folder / "a.jpg",
+    7: folder / "nested" / "b.jpg",
+    19: folder / "nested" / "deeper" / "c.jpg",
+  }
   for row, target in picked.items():
     shutil.copy(val_features["path"][row], target)
   (folder / "nested" / "broken.jpg").write_text("not an image")
   (folder / "notes.txt").write_text("ignored")
   output = str(tmp_path / "out" / "folder.npz")
-  result = subprocess.run([sys.executable, "-m", "alexnet_jax.extract", f"--workdir={run}", f"--images={folder}",
-                           f"--output={output}", "--batch_size=8"], cwd=ROOT, capture_output=True, text=True)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "alexnet_jax.extract",
+      f"--workdir={run}",
+      f"--images={folder}",
+      f"--output={output}",
+      "--batch_size=8",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"wrote 3 images to {output}; skipped 1 unreadable: {folder / 'nested' / 'broken.jpg'}" in result.stdout
+  assert (
+    f"wrote 3 images to {output}; skipped 1 unreadable: {folder / 'nested' / 'broken.jpg'}"
+    in result.stdout
+  )
   assert "skipped unreadable image" in result.stderr
   f = featurefile.read(output)
   assert f["path"].tolist() == sorted(str(p) for p in picked.values())
@@ -124,25 +148,54 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path):
   (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
   shutil.copy(os.path.join(run, checkpoints.CONFIG_FILE), tmp_path / "unfinished")
   fails("holds no finished checkpoint", restore, str(tmp_path / "unfinished"))
-  fails("holds a 'paper' net, not 'torchvision': pass --variant=paper", restore, run, variant="torchvision")
+  fails(
+    "holds a 'paper' net, not 'torchvision': pass --variant=paper",
+    restore,
+    run,
+    variant="torchvision",
+  )
   fails(r"no checkpoint at step 7; it has steps \[2\]", restore, run, step=7)
   (tmp_path / "empty" / "sub").mkdir(parents=True)
   (tmp_path / "empty" / "sub" / "readme.txt").write_text("x")
   fails("no .jpg/.jpeg/.png images in", extract.find_images, str(tmp_path / "empty"))
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "x.png").write_bytes(b"\x89PNG broken")
-  fails("none of the 1 images in .* could be read", extract.extract_folder, restore(run), run, str(tmp_path / "bad"),
-        str(tmp_path / "o.npz"))
-  fails("batch_size=12 does not divide over the 8 devices", extract.extract_split, restore(run), run, "val",
-        str(tmp_path / "o.npz"), batch_size=12)
+  fails(
+    "none of the 1 images in .* could be read",
+    extract.extract_folder,
+    restore(run),
+    run,
+    str(tmp_path / "bad"),
+    str(tmp_path / "o.npz"),
+  )
+  fails(
+    "batch_size=12 does not divide over the 8 devices",
+    extract.extract_split,
+    restore(run),
+    run,
+    "val",
+    str(tmp_path / "o.npz"),
+    batch_size=12,
+  )
   assert not os.path.exists(tmp_path / "o.npz")
 
 
 def test_cli_error_is_one_line(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "alexnet_jax.extract", f"--workdir={tmp_path}",
-                           f"--images={tmp_path}", f"--output={tmp_path / 'f.npz'}"], cwd=ROOT, capture_output=True,
-                          text=True)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "alexnet_jax.extract",
+      f"--workdir={tmp_path}",
+      f"--images={tmp_path}",
+      f"--output={tmp_path / 'f.npz'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      f"error: workdir {tmp_path} has no checkpoints/: train first with python -m alexnet_jax.main "
-      f"--workdir={tmp_path}, or pass the workdir of a run")
+    f"error: workdir {tmp_path} has no checkpoints/: train first with python -m alexnet_jax.main "
+    f"--workdir={tmp_path}, or pass the workdir of a run"
+  )

@@ -7,20 +7,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_convert import paper_params, random_torchvision
 
 from alexnet_jax import checkpoints, convert, optim, pretrained, sharding, train
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from configs import quickstart
-from test_convert import paper_params, random_torchvision
 
 TRUNK = optim.LAYERS[:-1]  # conv1 ... fc7
 
 
 def initial_state(config):
   mesh = sharding.make_mesh(config.model_parallelism)
-  return train._initial_state(train.create_model(config, mesh), train.create_optimizer(config, 1, 1),
-                              config.image_size, config.seed, mesh)[0]
+  return train._initial_state(
+    train.create_model(config, mesh),
+    train.create_optimizer(config, 1, 1),
+    config.image_size,
+    config.seed,
+    mesh,
+  )[0]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,9 @@ def grouped_file(path, num_classes, side=67, seed=1):
 def assert_layers_equal(a, b, names):
   for name in names:
     for p in ("kernel", "bias"):
-      np.testing.assert_array_equal(np.asarray(a[name][p]), np.asarray(b[name][p]), err_msg=f"{name}/{p}")
+      np.testing.assert_array_equal(
+        np.asarray(a[name][p]), np.asarray(b[name][p]), err_msg=f"{name}/{p}"
+      )
 
 
 def test_frozen_layers_get_no_update():
@@ -54,7 +61,9 @@ def test_frozen_layers_get_no_update():
     assert moved == (name in ("fc7", "fc8")), name
   # One optimizer-state structure whatever is frozen: a checkpoint restores under any setting.
   config.freeze_all_but_last = 0
-  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(train.create_optimizer(config, 10, 100).init(params))
+  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(
+    train.create_optimizer(config, 10, 100).init(params)
+  )
 
 
 def test_init_from_a_file_loads_all_but_fc8(tmp_path, fresh, caplog):
@@ -67,7 +76,9 @@ def test_init_from_a_file_loads_all_but_fc8(tmp_path, fresh, caplog):
   assert_layers_equal(params, source, TRUNK)
   assert_layers_equal(params, fresh, ["fc8"])
   assert "fc8 freshly initialised for 10 classes (the weights have 5)" in caplog.text
-  assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(fresh)))
+  assert all(
+    a.sharding == b.sharding for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(fresh))
+  )
 
 
 def test_init_from_a_checkpoint_reads_only_its_params(tmp_path, fresh):
@@ -75,7 +86,9 @@ def test_init_from_a_checkpoint_reads_only_its_params(tmp_path, fresh):
   workdir = str(tmp_path / "run")
   source = paper_params(67, num_classes=10, seed=2)
   mgr = checkpoints.manager(workdir, 3)
-  checkpoints.save(mgr, 7, {"step": np.int32(7), "params": source, "opt_state": {"other": np.zeros(3)}})
+  checkpoints.save(
+    mgr, 7, {"step": np.int32(7), "params": source, "opt_state": {"other": np.zeros(3)}}
+  )
   mgr.wait_until_finished()
   mgr.close()
   checkpoints.save_config(workdir, quickstart.get_config())
@@ -89,21 +102,31 @@ def test_mismatched_weights_are_named(tmp_path, fresh):
   config = quickstart.get_config()
   config.init_from = str(tmp_path / "torchvision.npz")
   convert.write_state_dict(random_torchvision(np.random.default_rng(0)), config.init_from)
-  with pytest.raises(UserInputError, match="holds a 'torchvision' AlexNet .* set --config.model.variant=torchvision"):
+  with pytest.raises(
+    UserInputError, match="holds a 'torchvision' AlexNet .* set --config.model.variant=torchvision"
+  ):
     pretrained.init_params(config, fresh)
   config.init_from = str(tmp_path / "99.npz")
   grouped_file(config.init_from, num_classes=10, side=99)
-  with pytest.raises(UserInputError, match=r"fc6 \(2, 1024, 2048\) \(this run: \(2, 256, 2048\)\).*image_size"):
+  with pytest.raises(
+    UserInputError, match=r"fc6 \(2, 1024, 2048\) \(this run: \(2, 256, 2048\)\).*image_size"
+  ):
     pretrained.init_params(config, fresh)
   with pytest.raises(UserInputError, match="is neither a workdir with checkpoints/"):
     pretrained.read_checkpoint(str(tmp_path))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"init_from": "/nonexistent/alexnet.pth"}, "init_from='/nonexistent/alexnet.pth' does not exist"),
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (
+      {"init_from": "/nonexistent/alexnet.pth"},
+      "init_from='/nonexistent/alexnet.pth' does not exist",
+    ),
     ({"init_from": __file__}, "unknown weights format"),
     ({"freeze_all_but_last": 9}, "freeze_all_but_last=9 must be between 0"),
-])
+  ],
+)
 def test_bad_fine_tuning_values_are_named(change, message):
   config = quickstart.get_config()
   config.update(change)
@@ -127,7 +150,9 @@ def test_fine_tuning_trains_only_the_last_layer_and_resume_wins(tmp_path, monkey
   state = final_params(workdir, config)
   assert int(state.step) == 2
   assert_layers_equal(state.params, source, TRUNK)  # frozen: not a bit moved
-  assert not np.allclose(state.params["fc8"]["kernel"], initial_state(config).params["fc8"]["kernel"])
+  assert not np.allclose(
+    state.params["fc8"]["kernel"], initial_state(config).params["fc8"]["kernel"]
+  )
   # The run's own checkpoint takes precedence over init_from.
   monkeypatch.setattr(pretrained, "init_params", lambda *_: pytest.fail("init_from read on resume"))
   config.num_train_steps = 3

@@ -52,14 +52,20 @@ def test_classes_sorted_to_labels_and_all_formats_decode(folder):
   assert net_input(batch).dtype == np.float32
   by_label = {int(l): img for l, img in zip(batch["label"], batch["image"])}
   np.testing.assert_allclose(by_label[2], 200, atol=1)  # RGBA -> RGB, alpha dropped
-  gray = [img for l, img, in zip(batch["label"], batch["image"]) if l == 1 and abs(img.mean() - 100) < 2]
+  gray = [
+    img for l, img in zip(batch["label"], batch["image"]) if l == 1 and abs(img.mean() - 100) < 2
+  ]
   assert gray and np.allclose(gray[0][..., 0], gray[0][..., 2])  # grayscale -> three equal channels
 
 
 def test_mean_is_subtracted(folder):
   train, _ = ip.read_image_folder(folder)
   stats = ip.load_stats("", 32, (10.0, 20.0, 30.0))
-  batch = next(ip.train_batches(train, batch_size=8, seed=0, image_size=24, resize_size=32, pca_std=0.0, stats=stats))
+  batch = next(
+    ip.train_batches(
+      train, batch_size=8, seed=0, image_size=24, resize_size=32, pca_std=0.0, stats=stats
+    )
+  )
   rgba = net_input(batch, stats)[batch["label"] == 2][0]
   np.testing.assert_allclose(rgba.mean(axis=(0, 1)), [190, 180, 170], atol=1)
 
@@ -72,7 +78,10 @@ def test_eval_covers_the_split_once_with_padding(folder):
   labels = [l for b in batches for l, m in zip(b["label"], b["mask"]) if m]
   assert sorted(labels) == [0, 2, 2]
   # Two processes: equal numbers of batches, disjoint images, the split covered once.
-  shares = [list(ip.eval_batches(val, batch_size=1, process_index=i, process_count=2, **ARGS)) for i in range(2)]
+  shares = [
+    list(ip.eval_batches(val, batch_size=1, process_index=i, process_count=2, **ARGS))
+    for i in range(2)
+  ]
   assert len(shares[0]) == len(shares[1]) == 2
   assert sum(float(b["mask"].sum()) for s in shares for b in s) == 3
 
@@ -90,10 +99,12 @@ def test_training_order_is_seeded_disjoint_per_host_and_resumable(folder):
   # Resuming at step 5 yields exactly the batches 5, 6, 7 of the uninterrupted stream.
   for x, y in zip(a[5:], train_stream(train, 3, start_step=5)):
     np.testing.assert_array_equal(x["image"], y["image"])
+
   # Per epoch (4 images per host with 2 hosts), the hosts' shares are disjoint and cover 8 files.
   def files(pi):
     it = ip.train_batches(train, batch_size=4, seed=3, process_index=pi, process_count=2, **PLAIN)
     return next(it)
+
   h0, h1 = files(0), files(1)
   pixels = sorted(round(float(v), 1) for h in (h0, h1) for v in h["image"].mean(axis=(1, 2, 3)))
   assert len(pixels) == 8
@@ -109,19 +120,24 @@ def test_augmentation_crops_and_flips_vary(tmp_path):
     Image.fromarray(gradient).save(root / split / "x" / "g.png")
   train, _ = ip.read_image_folder(str(root))
   stats = ip.load_stats("", 64, (0, 0, 0))
-  it = ip.train_batches(train, batch_size=1, seed=0, image_size=24, resize_size=64, pca_std=0.0, stats=stats)
+  it = ip.train_batches(
+    train, batch_size=1, seed=0, image_size=24, resize_size=64, pca_std=0.0, stats=stats
+  )
   crops = {tuple(net_input(next(it), stats)[0, 0, [0, -1], 0].tolist()) for _ in range(12)}
   assert len(crops) > 3  # different offsets
   assert any(a > b for a, b in crops) and any(a < b for a, b in crops)  # both orientations
 
 
-@pytest.mark.parametrize("layout, message", [
+@pytest.mark.parametrize(
+  "layout, message",
+  [
     (None, "does not exist"),
     ({"train/a/x.jpg": 1}, "no 'val' folder"),
     ({"train/a/x.jpg": 1, "val/b/y.jpg": 1}, r"class folder\(s\) \['b'\] .* not in train"),
     ({"train/a/notes.txt": 0, "val/a/y.jpg": 1}, "no .jpg/.jpeg/.png images"),
     ({"train/x.jpg": 1, "val/y.jpg": 1}, "has no class folders"),
-])
+  ],
+)
 def test_bad_folders_are_named(tmp_path, layout, message):
   root = tmp_path / "d"
   for rel, is_image in (layout or {}).items():
@@ -146,11 +162,17 @@ def constant_folder(root, pixels, copies=1):
 def test_pca_noise_has_the_stated_covariance(tmp_path):
   train, _ = constant_folder(tmp_path, np.full((16, 16, 3), 128, np.uint8), copies=50)
   eigvec = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0].astype(np.float32)
-  stats = ip.Stats(np.full((16, 16, 3), 128, np.float32), np.array([0.2, 0.05, 0.01], np.float32), eigvec)
-  it = ip.train_batches(train, batch_size=50, seed=1, image_size=8, resize_size=16, stats=stats, pca_std=0.1)
-  noise = np.concatenate([net_input(next(it), stats)[:, 0, 0, :] for _ in range(80)])  # 4000 presentations
+  stats = ip.Stats(
+    np.full((16, 16, 3), 128, np.float32), np.array([0.2, 0.05, 0.01], np.float32), eigvec
+  )
+  it = ip.train_batches(
+    train, batch_size=50, seed=1, image_size=8, resize_size=16, stats=stats, pca_std=0.1
+  )
+  noise = np.concatenate(
+    [net_input(next(it), stats)[:, 0, 0, :] for _ in range(80)]
+  )  # 4000 presentations
   assert noise.shape == (4000, 3)
-  expected = 255.0 ** 2 * eigvec @ np.diag((0.1 * stats.eigval) ** 2) @ eigvec.T
+  expected = 255.0**2 * eigvec @ np.diag((0.1 * stats.eigval) ** 2) @ eigvec.T
   np.testing.assert_allclose(np.cov(noise.T), expected, rtol=0.1, atol=0.02 * expected.max())
   np.testing.assert_allclose(noise.mean(0), 0, atol=0.1 * np.sqrt(expected.max()))
   # One draw per image: every pixel of an image moves by the same colour.
@@ -159,9 +181,18 @@ def test_pca_noise_has_the_stated_covariance(tmp_path):
 
 
 def test_ten_patches_are_the_paper_windows(tmp_path):
-  assert ip.eval_windows(256, 227, 10) == [(0, 0, False), (0, 29, False), (29, 0, False), (29, 29, False),
-                                           (14, 14, False), (0, 0, True), (0, 29, True), (29, 0, True),
-                                           (29, 29, True), (14, 14, True)]
+  assert ip.eval_windows(256, 227, 10) == [
+    (0, 0, False),
+    (0, 29, False),
+    (29, 0, False),
+    (29, 29, False),
+    (14, 14, False),
+    (0, 0, True),
+    (0, 29, True),
+    (29, 0, True),
+    (29, 29, True),
+    (14, 14, True),
+  ]
   assert ip.eval_windows(256, 227, 1) == [(14, 14, False)]
   yy, xx = np.mgrid[0:32, 0:32]
   pixels = np.stack([yy * 7, xx * 7, (yy + xx) * 3], -1).astype(np.uint8)
@@ -170,7 +201,7 @@ def test_ten_patches_are_the_paper_windows(tmp_path):
   patches = net_input(batch)[0]
   assert patches.shape == (10, 24, 24, 3)
   for patch, (y, x, flip) in zip(patches, ip.eval_windows(32, 24, 10)):
-    window = pixels[y:y + 24, x:x + 24].astype(np.float32)
+    window = pixels[y : y + 24, x : x + 24].astype(np.float32)
     np.testing.assert_allclose(patch, window[:, ::-1] if flip else window, atol=1.0)
 
 
@@ -180,7 +211,9 @@ def test_mean_image_is_subtracted_at_the_crop_position(tmp_path):
   pixels = np.stack([yy * 7, xx * 7, (yy * xx) % 200], -1).astype(np.uint8)
   train, val = constant_folder(tmp_path, pixels)
   stats = ip.Stats(pixels.astype(np.float32), ZERO.eigval, ZERO.eigvec)
-  it = ip.train_batches(train, batch_size=1, seed=0, image_size=20, resize_size=32, stats=stats, pca_std=0.0)
+  it = ip.train_batches(
+    train, batch_size=1, seed=0, image_size=20, resize_size=32, stats=stats, pca_std=0.0
+  )
   for _ in range(10):
     np.testing.assert_allclose(net_input(next(it), stats), 0.0, atol=1.0)
   for crops in (1, 10):

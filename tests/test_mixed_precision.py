@@ -42,10 +42,13 @@ def test_bfloat16_step_computes_low_and_keeps_float32_state():
 def test_bfloat16_where_the_backend_cannot_stops_before_any_work(tmp_path, monkeypatch):
   def cannot(dtype):
     raise ValueError(f"{dtype} is not supported on this device; use float32")
+
   monkeypatch.setattr(backend, "check_dtype", cannot)
   config = quickstart.get_config()
   config.update(data_dir=str(tmp_path / "data"), dtype="bfloat16")
-  with pytest.raises(UserInputError, match="--config.dtype=bfloat16: bfloat16 is not supported on this device"):
+  with pytest.raises(
+    UserInputError, match="--config.dtype=bfloat16: bfloat16 is not supported on this device"
+  ):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "data").exists()
 
@@ -59,11 +62,22 @@ def test_bfloat16_training_follows_float32(tmp_path):
   curves, finals = {}, {}
   for dtype in ("float32", "bfloat16"):
     config = quickstart.get_config()
-    config.update(data_dir=str(tmp_path / "data"), dtype=dtype, synthetic_train_per_class=40,
-                  synthetic_val_per_class=10, num_train_steps=200, learning_rate=0.05, num_devices=1,
-                  log_every_steps=10, eval_every_steps=200, checkpoint_every_steps=200)
+    config.update(
+      data_dir=str(tmp_path / "data"),
+      dtype=dtype,
+      synthetic_train_per_class=40,
+      synthetic_val_per_class=10,
+      num_train_steps=200,
+      learning_rate=0.05,
+      num_devices=1,
+      log_every_steps=10,
+      eval_every_steps=200,
+      checkpoint_every_steps=200,
+    )
     finals[dtype] = train.train_and_evaluate(config, str(tmp_path / dtype))["val/loss"]
-    curves[dtype] = np.array([r["train/loss"] for r in metrics.read_metrics(str(tmp_path / dtype)) if "train/loss" in r])
+    curves[dtype] = np.array(
+      [r["train/loss"] for r in metrics.read_metrics(str(tmp_path / dtype)) if "train/loss" in r]
+    )
   assert len(curves["float32"]) == 20 and curves["float32"][-1] < curves["float32"][0] - 0.5
   np.testing.assert_allclose(curves["bfloat16"], curves["float32"], atol=0.15)
   assert abs(finals["bfloat16"] - finals["float32"]) < 0.15

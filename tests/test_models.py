@@ -12,9 +12,11 @@ from alexnet_jax.models import AlexNet
 def features(model, side, batch=1):
   """Shapes of every named activation, without computing anything."""
   x = jnp.zeros((batch, side, side, 3))
+
   def run():
     variables = model.init(jax.random.key(0), x)
     return model.apply(variables, x, mutable=["intermediates"])[1]["intermediates"]["features"]
+
   return {k: v.shape[1:] for k, v in jax.eval_shape(run).items()}
 
 
@@ -32,11 +34,22 @@ def test_parameter_counts():
 
 def test_paper_layer_shapes_and_neuron_counts():
   shapes = features(AlexNet(), 227)
-  assert shapes == {"conv1": (55, 55, 96), "conv2": (27, 27, 256), "conv3": (13, 13, 384),
-                    "conv4": (13, 13, 384), "conv5": (13, 13, 256), "pool5": (6, 6, 256),
-                    "fc6": (4096,), "fc7": (4096,), "logits": (1000,)}
+  assert shapes == {
+    "conv1": (55, 55, 96),
+    "conv2": (27, 27, 256),
+    "conv3": (13, 13, 384),
+    "conv4": (13, 13, 384),
+    "conv5": (13, 13, 256),
+    "pool5": (6, 6, 256),
+    "fc6": (4096,),
+    "fc7": (4096,),
+    "logits": (1000,),
+  }
   printed = [253_440, 186_624, 64_896, 64_896, 43_264, 4096, 4096, 1000]
-  ours = [int(np.prod(shapes[k])) for k in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "logits")]
+  ours = [
+    int(np.prod(shapes[k]))
+    for k in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "logits")
+  ]
   assert ours[1:] == printed[1:]
   assert ours[0] == 290_400 != printed[0]  # the paper's conv1 figure is an erratum: 55*55*96
 
@@ -62,7 +75,7 @@ def numpy_lrn(a, k=2.0, n=5, alpha=1e-4, beta=0.75):
   big_n = a.shape[-1]
   for i in range(big_n):
     lo, hi = max(0, i - n // 2), min(big_n - 1, i + n // 2)
-    s = np.sum(a[..., lo:hi + 1].astype(np.float64) ** 2, axis=-1)
+    s = np.sum(a[..., lo : hi + 1].astype(np.float64) ** 2, axis=-1)
     out[..., i] = a[..., i] / (k + alpha * s) ** beta
   return out
 
@@ -71,7 +84,9 @@ def test_lrn_matches_the_paper_formula():
   a = np.random.default_rng(0).uniform(0, 40, (2, 3, 3, 11)).astype(np.float32)
   np.testing.assert_allclose(ops.lrn(jnp.asarray(a)), numpy_lrn(a), rtol=1e-5)
   # alpha is not divided by n: large activations are normalised strongly.
-  assert float(ops.lrn(jnp.full((1, 1, 1, 5), 100.0))[0, 0, 0, 2]) == pytest.approx(100 / (2 + 1e-4 * 5e4) ** 0.75, rel=1e-5)
+  assert float(ops.lrn(jnp.full((1, 1, 1, 5), 100.0))[0, 0, 0, 2]) == pytest.approx(
+    100 / (2 + 1e-4 * 5e4) ** 0.75, rel=1e-5
+  )
 
 
 def test_model_normalises_each_tower_over_its_own_maps():
@@ -86,11 +101,13 @@ def test_model_normalises_each_tower_over_its_own_maps():
   def conv2_from(normed):
     outs = []
     for t in range(2):
-      h = ops.max_pool(jnp.asarray(normed[..., 48 * t:48 * (t + 1)], jnp.float32), 3, 2)
+      h = ops.max_pool(jnp.asarray(normed[..., 48 * t : 48 * (t + 1)], jnp.float32), 3, 2)
       outs.append(jax.nn.relu(ops.conv2d(h, k2[t], b2[t], 1, 2)))
     return np.concatenate(outs, -1)
 
-  per_tower = np.concatenate([numpy_lrn(c1[..., :48], alpha=1e-2), numpy_lrn(c1[..., 48:], alpha=1e-2)], -1)
+  per_tower = np.concatenate(
+    [numpy_lrn(c1[..., :48], alpha=1e-2), numpy_lrn(c1[..., 48:], alpha=1e-2)], -1
+  )
   np.testing.assert_allclose(feats["conv2"], conv2_from(per_tower), rtol=1e-4, atol=1e-4)
   across = numpy_lrn(c1, alpha=1e-2)  # normalising across both towers gives other numbers
   assert not np.allclose(feats["conv2"], conv2_from(across), rtol=1e-4, atol=1e-4)
@@ -105,16 +122,20 @@ def test_paper_initialisation():
     expected_bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
     assert np.all(np.asarray(layer["bias"]) == expected_bias), name
     assert kernel.dtype == np.float32
-  caffe_like = AlexNet(num_classes=10, bias_one=0.1).init(jax.random.key(0), jnp.zeros((1, 67, 67, 3)))["params"]
+  caffe_like = AlexNet(num_classes=10, bias_one=0.1).init(
+    jax.random.key(0), jnp.zeros((1, 67, 67, 3))
+  )["params"]
   assert np.all(np.asarray(caffe_like["conv2"]["bias"]) == np.float32(0.1))
 
 
 def test_torchvision_initialisation_is_pytorch_default():
-  params = AlexNet(variant="torchvision").init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
+  params = AlexNet(variant="torchvision").init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))[
+    "params"
+  ]
   k = np.asarray(params["conv2"]["kernel"])
   bound = (5 * 5 * 64) ** -0.5
   assert k.max() <= bound and k.min() >= -bound and k.std() > 0.5 * bound
-  assert np.abs(np.asarray(params["fc8"]["bias"])).max() <= 4096 ** -0.5
+  assert np.abs(np.asarray(params["fc8"]["bias"])).max() <= 4096**-0.5
 
 
 def test_ablations_change_the_net():
@@ -164,14 +185,17 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(low, ref, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("kwargs, shape, message", [
+@pytest.mark.parametrize(
+  "kwargs, shape, message",
+  [
     ({}, (2, 67, 67), "NHWC with 3 channels"),
     ({}, (2, 67, 67, 1), "NHWC with 3 channels"),
     ({}, (2, 40, 40, 3), "too small"),
     ({"variant": "vgg"}, (2, 67, 67, 3), "unknown variant 'vgg'"),
     ({"activation": "gelu"}, (2, 67, 67, 3), "unknown activation 'gelu'"),
     ({"variant": "torchvision", "towers": 2}, (2, 67, 67, 3), "towers=2"),
-])
+  ],
+)
 def test_bad_input_is_named(kwargs, shape, message):
   with pytest.raises(ValueError, match=message):
     AlexNet(num_classes=10, **kwargs).init(jax.random.key(0), jnp.zeros(shape))

@@ -15,20 +15,27 @@ def execute(name, parameters):
   nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
   at = next(i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", []))
   nb.cells.insert(at + 1, nbformat.v4.new_code_cell(parameters))
-  NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}).execute()
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}
+  ).execute()
   return nb
 
 
 def images_shown(nb):
-  return sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+  return sum(
+    "image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", [])
+  )
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("notebooks") / "run")
-  nb = execute("quickstart.ipynb", f"WORKDIR = {workdir!r}\nNUM_TRAIN_STEPS = 2\n"
-               "OVERRIDES = dict(synthetic_train_per_class=4, synthetic_val_per_class=2, batch_size=16,\n"
-               "                 log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2)")
+  nb = execute(
+    "quickstart.ipynb",
+    f"WORKDIR = {workdir!r}\nNUM_TRAIN_STEPS = 2\n"
+    "OVERRIDES = dict(synthetic_train_per_class=4, synthetic_val_per_class=2, batch_size=16,\n"
+    "                 log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2)",
+  )
   return workdir, nb
 
 
@@ -41,7 +48,15 @@ def test_quickstart_notebook_trains_and_plots(quickstart):
 def test_features_notebook_extracts_and_draws(quickstart, tmp_path):
   workdir, _ = quickstart
   out = str(tmp_path / "features")
-  nb = execute("features.ipynb", f"WORKDIR = {workdir!r}\nOUTPUT_DIR = {out!r}\nNUM_QUERIES = 3\nK = 4\nBATCH_SIZE = 8")
-  assert sorted(os.listdir(out)) == ["figure3_kernels.png", "figure4_neighbours.png", "figure4_predictions.png",
-                                     "train.npz", "val.npz"]
+  nb = execute(
+    "features.ipynb",
+    f"WORKDIR = {workdir!r}\nOUTPUT_DIR = {out!r}\nNUM_QUERIES = 3\nK = 4\nBATCH_SIZE = 8",
+  )
+  assert sorted(os.listdir(out)) == [
+    "figure3_kernels.png",
+    "figure4_neighbours.png",
+    "figure4_predictions.png",
+    "train.npz",
+    "val.npz",
+  ]
   assert images_shown(nb) == 3

@@ -1,6 +1,5 @@
 """The paper's update rule, its weight-decay mask and the schedules."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -13,7 +12,9 @@ def test_update_rule_matches_the_paper_across_a_rate_drop():
   lr = optax.piecewise_constant_schedule(0.01, {3: 0.1})
   tx = optim.paper_sgd(lr, momentum=0.9, weight_decay=5e-4)
   rng = np.random.default_rng(0)
-  params = {"conv1": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.ones(4)}}
+  params = {
+    "conv1": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.ones(4)}
+  }
   state = tx.init(params)
   w, b = np.asarray(params["conv1"]["kernel"], np.float64), np.ones(4)
   vw, vb = np.zeros_like(w), np.zeros_like(b)
@@ -24,7 +25,9 @@ def test_update_rule_matches_the_paper_across_a_rate_drop():
     w = w + vw
     vb = 0.9 * vb - eps * gb  # biases are not decayed
     b = b + vb
-    grads = {"conv1": {"kernel": jnp.asarray(gw, jnp.float32), "bias": jnp.asarray(gb, jnp.float32)}}
+    grads = {
+      "conv1": {"kernel": jnp.asarray(gw, jnp.float32), "bias": jnp.asarray(gb, jnp.float32)}
+    }
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(eps)
@@ -54,10 +57,16 @@ def test_biases_decayed_on_request():
 
 
 def test_schedules():
-  piecewise = optim.make_schedule("piecewise", 0.01, steps_per_epoch=10, total_steps=900, boundaries_epochs=(30, 60, 80))
-  assert [float(piecewise(s)) for s in (0, 299, 300, 600, 800)] == pytest.approx([0.01, 0.01, 1e-3, 1e-4, 1e-5])
+  piecewise = optim.make_schedule(
+    "piecewise", 0.01, steps_per_epoch=10, total_steps=900, boundaries_epochs=(30, 60, 80)
+  )
+  assert [float(piecewise(s)) for s in (0, 299, 300, 600, 800)] == pytest.approx(
+    [0.01, 0.01, 1e-3, 1e-4, 1e-5]
+  )
   cosine = optim.make_schedule("cosine", 0.01, 10, 100)
-  assert float(cosine(0)) == pytest.approx(0.01) and float(cosine(100)) == pytest.approx(0.0, abs=1e-9)
+  assert float(cosine(0)) == pytest.approx(0.01) and float(cosine(100)) == pytest.approx(
+    0.0, abs=1e-9
+  )
   assert optim.make_schedule("plateau", 0.01, 10, 100) == 0.01
   with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
     optim.make_schedule("step", 0.01, 10, 100)

@@ -17,7 +17,9 @@ VAL_COUNT = 6
 
 def jpeg(seed, size=(300, 200), mode="RGB", fmt="JPEG"):
   rng = np.random.default_rng(seed)
-  image = Image.fromarray(rng.integers(0, 255, (size[1] // 10, size[0] // 10, 3), dtype=np.uint8)).resize(size)
+  image = Image.fromarray(
+    rng.integers(0, 255, (size[1] // 10, size[0] // 10, 3), dtype=np.uint8)
+  ).resize(size)
   buf = io.BytesIO()
   image.convert(mode).save(buf, fmt, quality=90)
   return buf.getvalue()
@@ -41,7 +43,9 @@ def make_archives(root, corrupt=True):
         for i in range(3):
           add(inner, f"{wnid}_{i}.JPEG", jpeg(10 * k + i, size=(320 + 10 * i, 260)))
         if k == 0:
-          add(inner, f"{wnid}_cmyk.JPEG", jpeg(99, mode="CMYK"))  # as n02105855_2933.JPEG in the real archive
+          add(
+            inner, f"{wnid}_cmyk.JPEG", jpeg(99, mode="CMYK")
+          )  # as n02105855_2933.JPEG in the real archive
           add(inner, f"{wnid}_png.JPEG", jpeg(98, fmt="PNG"))  # as n02105855_2933.JPEG's PNG cousin
           if corrupt:
             add(inner, f"{wnid}_broken.JPEG", jpeg(97)[:300])  # truncated
@@ -64,7 +68,10 @@ def test_prepare_writes_256_shards_labels_and_statistics(prepared):
   _, out, classes, info = prepared
   assert info["num_classes"] == 1000 and info["image_side"] == 256
   n_train = 3 * len(classes) + 2  # the truncated image is skipped
-  assert info["splits"]["train"]["num_images"] == n_train and info["splits"]["val"]["num_images"] == VAL_COUNT
+  assert (
+    info["splits"]["train"]["num_images"] == n_train
+    and info["splits"]["val"]["num_images"] == VAL_COUNT
+  )
   assert len(info["splits"]["train"]["files"]) == len(classes)
   skipped = open(os.path.join(out, "skipped.txt")).read()
   assert "_broken.JPEG" in skipped and skipped.count("\n") == 1
@@ -74,7 +81,9 @@ def test_prepare_writes_256_shards_labels_and_statistics(prepared):
   assert stats.eigval[0] >= stats.eigval[1] >= stats.eigval[2] > 0
   np.testing.assert_allclose(stats.eigvec.T @ stats.eigvec, np.eye(3), atol=1e-5)
   # Every stored image is a 256x256 RGB JPEG with its class's label; val labels follow the real list.
-  val = list(input_pipeline.eval_batches(val_split, batch_size=VAL_COUNT, image_size=256, resize_size=256))[0]
+  val = list(
+    input_pipeline.eval_batches(val_split, batch_size=VAL_COUNT, image_size=256, resize_size=256)
+  )[0]
   wnids = prepare.imagenet_val_labels()[:VAL_COUNT]
   assert [train_split.classes[l] for l in val["label"]] == wnids
   assert val["image"].shape == (VAL_COUNT, 256, 256, 3)
@@ -95,7 +104,12 @@ def test_train_and_evaluate_on_prepared_data(prepared, tmp_path):
   _, out, _, _ = prepared
   config = default.get_config()
   config.data_dir, config.image_size, config.batch_size = out, 67, 8
-  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps, config.log_every_steps = 2, 2, 2, 1
+  (
+    config.num_train_steps,
+    config.eval_every_steps,
+    config.checkpoint_every_steps,
+    config.log_every_steps,
+  ) = 2, 2, 2, 1
   workdir = str(tmp_path / "run")
   ten = train.train_and_evaluate(config, workdir)  # default.py: ten-patch evaluation
   assert 0 <= ten["val/top1_error"] <= 1 and 0 <= ten["val/top5_error"] <= ten["val/top1_error"]
@@ -103,7 +117,9 @@ def test_train_and_evaluate_on_prepared_data(prepared, tmp_path):
   one = train.evaluate_checkpoint(config, workdir)
   assert set(one) == set(ten) and one["val/loss"] != ten["val/loss"]
   config.eval_crops = 10
-  assert train.evaluate_checkpoint(config, workdir, step=2)["val/loss"] == pytest.approx(ten["val/loss"], rel=1e-5)
+  assert train.evaluate_checkpoint(config, workdir, step=2)["val/loss"] == pytest.approx(
+    ten["val/loss"], rel=1e-5
+  )
   with pytest.raises(UserInputError, match="no checkpoint 7"):
     train.evaluate_checkpoint(config, workdir, step=7)
 
@@ -152,11 +168,21 @@ def test_processes_read_disjoint_equal_shares_covering_the_split(prepared):
   share = n // 2
 
   def epoch_images(process_index):
-    it = input_pipeline.train_batches(train_split, batch_size=share, image_size=256, resize_size=256, stats=stats,
-                                      seed=4, process_index=process_index, process_count=2)
+    it = input_pipeline.train_batches(
+      train_split,
+      batch_size=share,
+      image_size=256,
+      resize_size=256,
+      stats=stats,
+      seed=4,
+      process_index=process_index,
+      process_count=2,
+    )
     return {hash(img.tobytes()) for img in next(it)["image"]}
 
   first, second = epoch_images(0), epoch_images(1)
   assert len(first) == len(second) == share and not first & second
-  one = input_pipeline.train_batches(train_split, batch_size=n, image_size=256, resize_size=256, stats=stats, seed=4)
+  one = input_pipeline.train_batches(
+    train_split, batch_size=n, image_size=256, resize_size=256, stats=stats, seed=4
+  )
   assert first | second <= {hash(img.tobytes()) for img in next(one)["image"]}

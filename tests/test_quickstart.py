@@ -15,8 +15,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quickstart_reaches_90_percent_top1(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a laptop
   workdir = str(tmp_path / "quickstart")
-  subprocess.run([sys.executable, "-m", "alexnet_jax.main", "--config=configs/quickstart.py", f"--workdir={workdir}"],
-                 cwd=ROOT, env=env, check=True, capture_output=True, timeout=1200)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "alexnet_jax.main",
+      "--config=configs/quickstart.py",
+      f"--workdir={workdir}",
+    ],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=1200,
+  )
   evals = [r for r in metrics.read_metrics(workdir) if "val/top1_error" in r]
   assert evals[-1]["step"] == 1116
   assert evals[-1]["val/top1_error"] <= 0.10, evals
@@ -24,12 +36,23 @@ def test_quickstart_reaches_90_percent_top1(tmp_path):
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
   def run(*args):
-    return subprocess.run([sys.executable, "-m", "alexnet_jax.main", f"--workdir={tmp_path}", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+      [sys.executable, "-m", "alexnet_jax.main", f"--workdir={tmp_path}", *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
   out = run("--config=configs/quickstart.py", "--config.no_such_key=3")
   assert out.returncode != 0 and out.stderr.strip().splitlines()[-1] == (
-      "error: unknown config key 'no_such_key' in --config.no_such_key=3; "
-      "the keys are those of the config file's get_config()")
+    "error: unknown config key 'no_such_key' in --config.no_such_key=3; "
+    "the keys are those of the config file's get_config()"
+  )
   out = run("--config=configs/default.py")
   last = out.stderr.strip().splitlines()[-1]
-  assert out.returncode != 0 and last.startswith("error: no prepared dataset at data_dir=") and "Traceback" not in out.stderr
+  assert (
+    out.returncode != 0
+    and last.startswith("error: no prepared dataset at data_dir=")
+    and "Traceback" not in out.stderr
+  )

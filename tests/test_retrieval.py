@@ -28,7 +28,9 @@ def test_equals_brute_force_across_chunks(data):
   queries, database = data
   expected_index, expected_dist = brute_force(queries, database, 6)
   for query_chunk, database_chunk in ((16, 128), (37, 1000), (5, 333)):
-    index, dist = retrieval.nearest(queries, database, 6, query_chunk=query_chunk, database_chunk=database_chunk)
+    index, dist = retrieval.nearest(
+      queries, database, 6, query_chunk=query_chunk, database_chunk=database_chunk
+    )
     np.testing.assert_array_equal(index, expected_index)
     np.testing.assert_allclose(dist, expected_dist, atol=1e-4)
   assert index[0, :3].tolist() == [3, 500, 999] and dist[0, 0] == pytest.approx(0, abs=1e-3)
@@ -54,15 +56,21 @@ def test_features_file_round_trip_memory_maps_fc7(tmp_path):
   path = str(tmp_path / "f.npz")
   writer = featurefile.Writer(path, max_rows=5, dim=8, k=3)
   rows = np.arange(40, dtype=np.float32).reshape(5, 8)
-  writer.append(rows[:2], [[0, 1, 2]] * 2, [[.5, .3, .2]] * 2, ["a.jpg", "long/name.png"], [1, -1])
-  writer.append(rows[2:4], [[2, 1, 0]] * 2, [[.6, .3, .1]] * 2, ["c.jpg", "d.jpg"], [0, 0])
+  writer.append(
+    rows[:2], [[0, 1, 2]] * 2, [[0.5, 0.3, 0.2]] * 2, ["a.jpg", "long/name.png"], [1, -1]
+  )
+  writer.append(rows[2:4], [[2, 1, 0]] * 2, [[0.6, 0.3, 0.1]] * 2, ["c.jpg", "d.jpg"], [0, 0])
   writer.close(classes=("x", "y", "z"), step=7)  # 4 of at most 5 rows (one image was unreadable)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npz"]  # the rows file is gone
   f = featurefile.read(path)
   assert isinstance(f["fc7"], np.memmap) and f["fc7"].dtype == np.float32
   np.testing.assert_array_equal(f["fc7"], rows[:4])
   assert f["path"].tolist() == ["a.jpg", "long/name.png", "c.jpg", "d.jpg"]
-  assert f["label"].tolist() == [1, -1, 0, 0] and f["classes"].tolist() == ["x", "y", "z"] and int(f["step"]) == 7
+  assert (
+    f["label"].tolist() == [1, -1, 0, 0]
+    and f["classes"].tolist() == ["x", "y", "z"]
+    and int(f["step"]) == 7
+  )
   assert f["top5_index"].shape == (4, 3) and f["top5_prob"].dtype == np.float32
 
 

@@ -12,13 +12,16 @@ from alexnet_jax import sharding
 from alexnet_jax.models import AlexNet
 
 BATCH, SIDE, CLASSES = 8, 67, 10
-COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\(")
+COLLECTIVE = re.compile(
+  r"= \S+ (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\("
+)
 
 
 def loss_fn(model):
   def loss(params, x, y):
     logits = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(7)})
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)), logits
+
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
@@ -34,7 +37,7 @@ def problem():
 @pytest.mark.parametrize("data, model", [(1, 1), (1, 2), (4, 2), (8, 1)])
 def test_logits_and_gradients_equal_on_every_mesh(problem, data, model):
   x, y, params, ref_logits, ref_grads = problem
-  mesh = sharding.make_mesh(model, jax.devices()[:data * model])
+  mesh = sharding.make_mesh(model, jax.devices()[: data * model])
   assert dict(mesh.shape) == {"data": data, "model": model}
   params = jax.device_put(params, sharding.tree_shardings(params, mesh))
   x = jax.device_put(x, sharding.batch_sharding(mesh))
@@ -71,20 +74,33 @@ def test_mesh_axes_are_data_and_model():
 
 
 def test_sharding_rules_split_towers_and_replicate_the_rest():
-  params = jax.eval_shape(AlexNet(num_classes=CLASSES).init, jax.random.key(0), jnp.zeros((1, SIDE, SIDE, 3)))["params"]
+  params = jax.eval_shape(
+    AlexNet(num_classes=CLASSES).init, jax.random.key(0), jnp.zeros((1, SIDE, SIDE, 3))
+  )["params"]
   mesh = sharding.make_mesh(2)
-  specs = jax.tree.map(lambda s: tuple(s.spec), sharding.tree_shardings({"opt": {"trace": params}}, mesh))
+  specs = jax.tree.map(
+    lambda s: tuple(s.spec), sharding.tree_shardings({"opt": {"trace": params}}, mesh)
+  )
   assert specs["opt"]["trace"]["conv1"]["kernel"] == ("model",)
   assert specs["opt"]["trace"]["fc7"]["bias"] == ("model",)
   assert specs["opt"]["trace"]["fc8"]["kernel"] == ()
 
 
-@pytest.mark.parametrize("build, message", [
+@pytest.mark.parametrize(
+  "build, message",
+  [
     (lambda: sharding.make_mesh(4), "model=4"),
-    (lambda: AlexNet(mesh=Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))), "model axis has size 4"),
-    (lambda: AlexNet(mesh=Mesh(np.array(jax.devices()).reshape(4, 2), ("batch", "tower"))), "needs \\('data', 'model'\\)"),
+    (
+      lambda: AlexNet(mesh=Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))),
+      "model axis has size 4",
+    ),
+    (
+      lambda: AlexNet(mesh=Mesh(np.array(jax.devices()).reshape(4, 2), ("batch", "tower"))),
+      "needs \\('data', 'model'\\)",
+    ),
     (lambda: AlexNet(variant="torchvision", mesh=sharding.make_mesh(2)), "use model=1"),
-])
+  ],
+)
 def test_bad_meshes_are_named(build, message):
   with pytest.raises(ValueError, match=message):
     build()
@@ -92,5 +108,7 @@ def test_bad_meshes_are_named(build, message):
 
 def test_batch_must_divide_over_data():
   model = AlexNet(num_classes=CLASSES, mesh=sharding.make_mesh(2))
-  with pytest.raises(ValueError, match="batch 6 does not divide over the mesh's data axis of size 4"):
+  with pytest.raises(
+    ValueError, match="batch 6 does not divide over the mesh's data axis of size 4"
+  ):
     model.init(jax.random.key(0), jnp.zeros((6, SIDE, SIDE, 3)))

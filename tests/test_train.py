@@ -33,7 +33,9 @@ def final_params(workdir, config):
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
   model = train.create_model(config)
   tx = train.create_optimizer(config, 1, 1)
-  target, _ = train._initial_state(model, tx, config.image_size, config.seed, train.sharding.make_mesh(1, jax.devices()[:1]))
+  target, _ = train._initial_state(
+    model, tx, config.image_size, config.seed, train.sharding.make_mesh(1, jax.devices()[:1])
+  )
   restored = checkpoints.restore(mgr, target)
   mgr.close()
   return restored
@@ -53,15 +55,22 @@ def test_one_training_step_and_evaluation(tmp_path, data_dir):
   records = metrics.read_metrics(workdir)
   train_lines = [r for r in records if "train/loss" in r]
   assert [r["step"] for r in train_lines] == [1, 2]
-  assert {"train/loss", "train/top1_error", "learning_rate", "images_per_sec"} <= set(train_lines[0])
+  assert {"train/loss", "train/top1_error", "learning_rate", "images_per_sec"} <= set(
+    train_lines[0]
+  )
   assert [r["step"] for r in records if "val/top1_error" in r] == [2]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["variant"] == "paper"
   # The checkpoint holds trained parameters: they moved away from the seeded initialisation.
   state = final_params(workdir, config)
   assert int(state.step) == 2
-  init, _ = train._initial_state(train.create_model(config), train.create_optimizer(config, 1, 1), config.image_size, config.seed,
-                                 train.sharding.make_mesh(1, jax.devices()[:1]))
+  init, _ = train._initial_state(
+    train.create_model(config),
+    train.create_optimizer(config, 1, 1),
+    config.image_size,
+    config.seed,
+    train.sharding.make_mesh(1, jax.devices()[:1]),
+  )
   assert not np.allclose(state.params["fc8"]["kernel"], init.params["fc8"]["kernel"])
 
 
@@ -93,14 +102,18 @@ def test_training_on_a_tower_mesh_matches_one_device(tmp_path, data_dir):
 
 def test_a_changed_model_cannot_resume_a_workdir(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(small_config(data_dir, num_train_steps=1, eval_every_steps=1, checkpoint_every_steps=1), workdir)
+  train.train_and_evaluate(
+    small_config(data_dir, num_train_steps=1, eval_every_steps=1, checkpoint_every_steps=1), workdir
+  )
   config = small_config(data_dir)
   config.model.dropout_rate = 0.3
   with pytest.raises(UserInputError, match="use a fresh --workdir"):
     train.train_and_evaluate(config, workdir)
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
     ({"batch_size": 12}, "batch_size=12 does not divide over the 8 data-parallel devices"),
     ({"model_parallelism": 3}, "model_parallelism=3"),
@@ -110,7 +123,8 @@ def test_a_changed_model_cannot_resume_a_workdir(tmp_path, data_dir):
     ({"dtype": "float16"}, "unknown dtype 'float16'"),
     ({"ops_impl": "cudnn"}, "unknown ops_impl 'cudnn'; set --config.ops_impl to one of"),
     ({"dataset": "image_folder", "data_dir": ""}, "needs --config.data_dir"),
-])
+  ],
+)
 def test_bad_config_values_are_named(change, message):
   config = quickstart.get_config()
   for key, value in change.items():
