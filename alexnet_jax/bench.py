@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from alexnet_jax import backend, models, optim, sharding, steps
 from alexnet_jax.models import AlexNet
@@ -86,8 +85,8 @@ class Built:
 def train_flops_per_image(model: AlexNet, image_size: int) -> float:
   """Model FLOPs of one trained image: 2 per multiply-add of the convolutions and fully
   connected layers, x3 for forward and backward. 4.35e9 for the paper's net at 227x227."""
-  arch, pool = model.arch, ((3, 2) if model.overlapping_pool else (2, 2))
-  sides = models.feature_sides(arch, image_size, *pool)
+  arch = model.arch
+  sides = models.feature_sides(arch, image_size, *models.pool_geometry(model.overlapping_pool))
   macs = sum(
     math.prod(kernel) * sides.get(name, 1) ** 2
     for name, (kernel, _) in models.param_shapes(arch, model.num_classes, sides["pool5"]).items()
@@ -164,36 +163,17 @@ def build(
   options = backend.compiler_options() if case.compiler_options == "backend" else {}
   if mesh is None:
     device = jax.devices()[0]
+    state_sh = None
     put = lambda batch: jax.device_put(batch, device)
     state, train_batch, eval_batch, mean = jax.device_put(
       (state, train_batch, eval_batch, mean), device
     )
-    train_jit = jax.jit(
-      steps.make_train_step(model, tx, seed=0), donate_argnums=0, compiler_options=options
-    )
-    eval_jit = jax.jit(steps.make_eval_step(model), compiler_options=options)
   else:
-    state_sh, batch_sh, rep = (
-      sharding.tree_shardings(state, mesh),
-      sharding.batch_sharding(mesh),
-      NamedSharding(mesh, P()),
-    )
+    state_sh, batch_sh = sharding.tree_shardings(state, mesh), sharding.batch_sharding(mesh)
     put = lambda batch: jax.device_put(batch, batch_sh)
-    state, mean = jax.device_put(state, state_sh), jax.device_put(mean, rep)
+    state, mean = jax.device_put(state, state_sh), jax.device_put(mean, sharding.replicated(mesh))
     train_batch, eval_batch = put((train_batch, eval_batch))
-    train_jit = jax.jit(
-      steps.make_train_step(model, tx, seed=0),
-      donate_argnums=0,
-      compiler_options=options,
-      in_shardings=(state_sh, batch_sh, rep),
-      out_shardings=(state_sh, rep),
-    )
-    eval_jit = jax.jit(
-      steps.make_eval_step(model),
-      compiler_options=options,
-      in_shardings=(state_sh.params, batch_sh, rep),
-      out_shardings=rep,
-    )
+  train_jit, eval_jit = steps.jit_steps(model, tx, state_sh, mesh, seed=0, compiler_options=options)
   t0 = time.perf_counter()
   train_step = train_jit.lower(state, train_batch, mean).compile()
   compile_s = time.perf_counter() - t0

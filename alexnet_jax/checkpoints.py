@@ -1,4 +1,5 @@
-"""Orbax checkpoints in WORKDIR/checkpoints and the config saved beside them.
+"""Orbax checkpoints in WORKDIR/checkpoints and the config saved beside them: the one module
+that opens a checkpoint manager, chooses a step and restores.
 
 Saves are atomic (orbax writes to a temporary folder and renames it), so a finished
 checkpoint is never replaced by a half-written one. The latest few are kept, and the
@@ -13,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -44,12 +46,76 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None
   mgr.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
 
+def locate(path: str) -> tuple[str, int | None]:
+  """(checkpoints folder, step or None) of a workdir, its checkpoints/ folder or one step's
+  folder (checkpoints/<step>)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise UserInputError(f"{path} does not exist: pass the workdir of a run")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None
+  if os.path.basename(path) == "checkpoints":
+    return path, None
+  parent, name = os.path.split(path)
+  if os.path.basename(parent) == "checkpoints" and name.isdigit():
+    return parent, int(name)
+  raise UserInputError(
+    f"workdir {path} has no checkpoints/: train first with python -m alexnet_jax.main "
+    f"--workdir={path}, or pass the workdir of a run"
+  )
+
+
+def choose_step(mgr: ocp.CheckpointManager, step: int | None = None) -> int:
+  """`step`, or the latest finished one; a clear error when there is none."""
+  steps = sorted(mgr.all_steps())
+  if not steps:
+    raise UserInputError(
+      f"{mgr.directory} holds no finished checkpoint: train first, or pass another workdir"
+    )
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise UserInputError(f"{mgr.directory} has no checkpoint at step {step}; it has steps {steps}")
+  return step
+
+
 def restore(mgr: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
-  """The checkpoint at `step` (default: latest), laid out like `target` (shapes and shardings),
-  whatever mesh wrote it."""
-  step = mgr.latest_step() if step is None else step
+  """The whole state at `step` (default: latest) of a run's own manager, laid out like
+  `target` (arrays or ShapeDtypeStructs: shapes and shardings), whatever mesh wrote it."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  return mgr.restore(choose_step(mgr, step), args=ocp.args.StandardRestore(abstract))
+
+
+def read_params(path: str, step: int | None = None, target: Any = None) -> tuple[Any, int, str]:
+  """(parameters, step, checkpoints folder) of a checkpoint of ours, the optimizer state
+  left unread (orbax partial restore). path: see `locate`; step: default the one in path, else
+  the latest. target: abstract parameters (`builders.abstract_state(...).params`) to place
+  them on a mesh, any mesh; None: numpy arrays on the host."""
+  ckpt_dir, step_in_path = locate(path)
+  mgr = ocp.CheckpointManager(
+    ckpt_dir,
+    options=ocp.CheckpointManagerOptions(create=False),
+    item_handlers=ocp.PyTreeCheckpointHandler(),
+  )
+  try:
+    step = choose_step(mgr, step_in_path if step is None else step)
+    if target is None:
+      tree = mgr.item_metadata(step).tree
+      if "params" not in tree:
+        raise UserInputError(f"{ckpt_dir}/{step} holds no params: not a checkpoint of ours")
+      target = tree["params"]
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    else:
+      restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    params = mgr.restore(
+      step,
+      args=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+      ),
+    )["params"]
+  finally:
+    mgr.close()
+  return params, step, ckpt_dir
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

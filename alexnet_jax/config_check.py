@@ -8,10 +8,10 @@ import os
 import jax
 import ml_collections
 
-from alexnet_jax import optim
-from alexnet_jax.convert import SUFFIXES
+from alexnet_jax import builders, optim
 from alexnet_jax.errors import UserInputError
-from alexnet_jax.models import ACTIVATIONS, LRN_SCOPES, OPS_IMPLS, feature_sides, make_arch
+from alexnet_jax.layouts import SUFFIXES
+from alexnet_jax.models import LAYERS, feature_sides, pool_geometry
 
 DATASETS = ("synthetic", "image_folder", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
@@ -39,48 +39,47 @@ def check_config(
     bad(f"unknown dataset {config.dataset!r}; set --config.dataset to one of {DATASETS}")
   if config.dataset == "image_folder" and not config.data_dir:
     bad(
-      "dataset 'image_folder' needs --config.data_dir=DIR (with DIR/train/<class>/* and DIR/val/<class>/*)"
+      "dataset 'image_folder' needs --config.data_dir=DIR "
+      "(with DIR/train/<class>/* and DIR/val/<class>/*)"
     )
   if config.dtype not in DTYPES:
     bad(f"unknown dtype {config.dtype!r}; set --config.dtype to one of {DTYPES}")
   if config.lr_schedule not in optim.SCHEDULES:
     bad(
-      f"unknown lr_schedule {config.lr_schedule!r}; set --config.lr_schedule to one of {optim.SCHEDULES}"
+      f"unknown lr_schedule {config.lr_schedule!r}; "
+      f"set --config.lr_schedule to one of {optim.SCHEDULES}"
     )
-  m = config.model
-  try:
-    arch = make_arch(m.variant, m.towers if m.variant == "paper" else None, m.lrn)
+  try:  # the model's own checks: variant, towers, activation, dropout, LRN scope, ops
+    arch = builders.create_model(config).arch
   except ValueError as e:
-    bad(f"config.model: {e}")
-  if m.activation not in ACTIVATIONS:
-    bad(f"unknown model.activation {m.activation!r}; choose one of {tuple(ACTIVATIONS)}")
-  if not 0.0 <= m.dropout_rate < 1.0:
-    bad(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
-  if m.lrn_scope not in LRN_SCOPES:
-    bad(f"unknown model.lrn_scope {m.lrn_scope!r}; choose one of {LRN_SCOPES}")
-  if config.ops_impl not in OPS_IMPLS:
-    bad(f"unknown ops_impl {config.ops_impl!r}; set --config.ops_impl to one of {tuple(OPS_IMPLS)}")
+    bad(f"the model settings: {e}")
   if config.model_parallelism not in (1, 2):
     bad(
-      f"model_parallelism={config.model_parallelism}; it must be 1 (towers together) or 2 (one tower per device)"
+      f"model_parallelism={config.model_parallelism}; it must be 1 (towers together) "
+      "or 2 (one tower per device)"
     )
   if arch.towers % config.model_parallelism:
     bad(
-      f"model_parallelism=2 splits two towers, but the {m.variant!r} net has {arch.towers}; set --config.model_parallelism=1"
+      f"model_parallelism=2 splits two towers, but the {config.model.variant!r} net has "
+      f"{arch.towers}; set --config.model_parallelism=1"
     )
   if num_devices % config.model_parallelism:
     bad(
-      f"model_parallelism={config.model_parallelism} needs an even number of devices, found {num_devices}"
+      f"model_parallelism={config.model_parallelism} needs an even number of devices, "
+      f"found {num_devices}"
     )
   data_size = num_devices // config.model_parallelism
-  if config.batch_size <= 0 or config.batch_size % data_size or config.batch_size % process_count:
+  if config.batch_size <= 0:
+    bad(f"batch_size={config.batch_size} must be positive (the global batch, over all devices)")
+  if config.batch_size % data_size or config.batch_size % process_count:
     bad(
       f"batch_size={config.batch_size} does not divide over the {data_size} data-parallel devices "
       f"({process_count} process(es)); use a multiple of {math.lcm(data_size, process_count)}"
     )
   if config.mean_subtraction not in ("image", "channel"):
     bad(
-      f"mean_subtraction={config.mean_subtraction!r}; use 'image' (the paper's mean image) or 'channel'"
+      f"mean_subtraction={config.mean_subtraction!r}; "
+      "use 'image' (the paper's mean image) or 'channel'"
     )
   if config.eval_crops not in (1, 10):
     bad(f"eval_crops={config.eval_crops}; use 1 (centre crop) or 10 (the paper's ten patches)")
@@ -94,8 +93,7 @@ def check_config(
       "the crop is taken from the rescaled image"
     )
   try:
-    pool = (3, 2) if m.overlapping_pool else (2, 2)
-    feature_sides(arch, config.image_size, *pool)
+    feature_sides(arch, config.image_size, *pool_geometry(config.model.overlapping_pool))
   except ValueError as e:
     bad(f"image_size={config.image_size}: {e}")
   for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
@@ -103,17 +101,19 @@ def check_config(
       bad(f"{key}={config[key]} must be at least 1")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     bad("set --config.num_epochs or --config.num_train_steps to a positive number")
-  if not 0 <= config.freeze_all_but_last <= len(optim.LAYERS):
+  if not 0 <= config.freeze_all_but_last <= len(LAYERS):
     bad(
       f"freeze_all_but_last={config.freeze_all_but_last} must be between 0 (train every layer) and "
-      f"{len(optim.LAYERS)}; 1 trains fc8 only"
+      f"{len(LAYERS)}; 1 trains fc8 only"
     )
   source = config.init_from
   if source and not os.path.exists(source):
     bad(
-      f"init_from={source!r} does not exist; give a workdir of ours or a weights file ({', '.join(SUFFIXES)})"
+      f"init_from={source!r} does not exist; "
+      f"give a workdir of ours or a weights file ({', '.join(SUFFIXES)})"
     )
   if source and not os.path.isdir(source) and os.path.splitext(source)[1].lower() not in SUFFIXES:
     bad(
-      f"init_from={source!r}: unknown weights format; use a workdir of ours or a {', '.join(SUFFIXES)} file"
+      f"init_from={source!r}: unknown weights format; "
+      f"use a workdir of ours or a {', '.join(SUFFIXES)} file"
     )

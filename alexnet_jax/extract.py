@@ -24,10 +24,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import augment, featurefile, input_pipeline, sharding, train
+from alexnet_jax import augment, datasets, featurefile, input_pipeline, sharding
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import VARIANTS, AlexNet
 from alexnet_jax.restore import Restored, restore
@@ -81,7 +79,7 @@ def run_data(
 ) -> tuple[Any, Any, input_pipeline.Stats] | None:
   """The run's (train, val, stats) as training read them, or None where its data is not on this machine."""
   try:
-    return train.load_splits(config, os.path.abspath(workdir))
+    return datasets.load_splits(config, os.path.abspath(workdir))
   except UserInputError as e:
     logging.warning("the run's data is not here (%s)", e)
     return None
@@ -129,7 +127,7 @@ def extract(
   k = min(TOP_K, config.num_classes)
   names, n = _row_names(images), len(images)
   predict, put = _predictor(restored.model, k), sharding.batch_sharding(restored.mesh)
-  mean_image = jax.device_put(stats.mean_image, NamedSharding(restored.mesh, P()))
+  mean_image = jax.device_put(stats.mean_image, sharding.replicated(restored.mesh))
   batches = input_pipeline.eval_batches(
     images,
     batch_size=batch_size,
@@ -202,7 +200,7 @@ def extract_split(
   restored: Restored, workdir: str, split: str, output: str, batch_size: int = 128
 ) -> Report:
   """Features of the run's own train or val split, with their labels."""
-  data = train.load_splits(restored.config, os.path.abspath(workdir))
+  data = datasets.load_splits(restored.config, os.path.abspath(workdir))
   images = data[("train", "val").index(split)]
   return Report(extract(restored, images, data[2], output, batch_size))
 

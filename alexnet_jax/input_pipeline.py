@@ -211,7 +211,7 @@ def _side(split: Split | Shards, resize_size: int) -> int:
   return split.side if isinstance(split, Shards) else resize_size
 
 
-def _readers(split: Split | Shards, resize_size: int):
+def readers(split: Split | Shards, resize_size: int):
   """(whole(i) -> (side x side uint8 image, label), window(i, y, x, size) -> (uint8 crop, label)).
 
   Prepared shards are read by index (random access) and decoded with the crop fused into
@@ -295,7 +295,7 @@ def train_batches(
       f"the train split has {n} images, fewer than one global batch of {global_batch}; "
       "lower --config.batch_size or add images"
     )
-  _, window = _readers(split, resize_size)
+  _, window = readers(split, resize_size)
   seed = tf.constant(seed, tf.int64)
   mine = (
     tf.range(steps, dtype=tf.int64)[:, None] * global_batch
@@ -405,7 +405,7 @@ def eval_batches(
   index = np.arange(process_index * per_host, process_index * per_host + num_batches * batch_size)
   mask = (index < min(n, (process_index + 1) * per_host)).astype(np.float32)
   index = np.where(mask > 0, index, 0)
-  whole, window = _readers(split, resize_size)
+  whole, window = readers(split, resize_size)
   offsets = tf.constant([[y, x] for y, x, _ in windows], tf.int32)
   flips = tf.constant([f for _, _, f in windows])
 

@@ -25,6 +25,7 @@ from alexnet_jax import ops
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 FC_LAYERS = ("fc6", "fc7")
 TOWER_LAYERS = CONV_LAYERS + FC_LAYERS
+LAYERS = TOWER_LAYERS + ("fc8",)  # the eight learned layers, input to output
 # (kernel size, stride, padding) of each conv; conv1's padding comes from the Arch.
 _CONV_GEOMETRY = {
   "conv1": (11, 4, None),
@@ -100,6 +101,11 @@ def make_arch(variant: str, towers: int | None = None, lrn: bool | None = None) 
       init="torch",
     )
   raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+
+
+def pool_geometry(overlapping: bool) -> tuple[int, int]:
+  """(window, stride) of the max pooling: the paper's overlapping 3x3 stride 2 (§3.4), or 2x2."""
+  return (3, 2) if overlapping else (2, 2)
 
 
 def feature_sides(arch: Arch, side: int, pool_window: int, pool_stride: int) -> dict[str, int]:
@@ -341,7 +347,7 @@ class AlexNet(nn.Module):
         f"{self.mesh.shape['data']}; use a multiple of it"
       )
     arch = self.arch
-    pool = (3, 2) if self.overlapping_pool else (2, 2)
+    pool = pool_geometry(self.overlapping_pool)
     sides = feature_sides(arch, min(images.shape[1:3]), *pool)
     if images.shape[1] != images.shape[2]:
       raise ValueError(

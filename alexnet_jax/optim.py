@@ -13,10 +13,9 @@ from typing import Any, Callable, Sequence
 import jax
 import optax
 
-from alexnet_jax.models import TOWER_LAYERS
+from alexnet_jax.models import LAYERS
 
 SCHEDULES = ("piecewise", "plateau", "cosine", "constant")
-LAYERS = TOWER_LAYERS + ("fc8",)  # the eight learned layers, input to output
 
 
 def paper_sgd(

@@ -2,7 +2,7 @@
 
 The source is a checkpoint of ours (a workdir, its checkpoints/ folder or one step's
 folder; only the parameters are read, whatever optimizer or mesh wrote them) or a weights
-file `convert.read_pretrained` reads, adapted to our input pipeline. Every layer whose
+file `layouts.read_pretrained` reads, adapted to our input pipeline. Every layer whose
 shape fits is loaded; when only the class count differs, fc8 keeps this run's fresh
 initialisation. A run with a checkpoint of its own resumes instead (train.py).
 """
@@ -15,10 +15,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
-from alexnet_jax import checkpoints, convert
+from alexnet_jax import checkpoints, layouts
 from alexnet_jax.errors import UserInputError
 
 # config.model settings that change what the weights compute (others only initialise).
@@ -36,65 +35,18 @@ _FORWARD_KEYS = (
 )
 
 
-def read_checkpoint(
-  path: str, step: int | None = None
-) -> tuple[convert.Params, ml_collections.ConfigDict | None, str]:
-  """(parameters as numpy arrays, the config saved beside them or None, the step folder read).
-
-  path: a workdir, its checkpoints/ folder, or checkpoints/<step>; step: default the latest.
-  """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    ckpt_dir = os.path.join(path, "checkpoints")
-  elif os.path.basename(path) == "checkpoints":
-    ckpt_dir = path
-  elif (
-    os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit()
-  ):
-    ckpt_dir, step = os.path.dirname(path), int(os.path.basename(path))
-  else:
-    raise UserInputError(
-      f"{path} is neither a workdir with checkpoints/ nor a checkpoint folder of ours"
-    )
-  mgr = ocp.CheckpointManager(
-    ckpt_dir,
-    options=ocp.CheckpointManagerOptions(create=False),
-    item_handlers=ocp.PyTreeCheckpointHandler(),
-  )
-  try:
-    steps = sorted(mgr.all_steps())
-    step = steps[-1] if step is None and steps else step
-    if step not in steps:
-      raise UserInputError(f"{ckpt_dir} has no checkpoint at step {step}; it has steps {steps}")
-    tree = mgr.item_metadata(step).tree
-    if "params" not in tree:
-      raise UserInputError(f"{ckpt_dir}/{step} holds no params: not a checkpoint of ours")
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-    params = mgr.restore(
-      step,
-      args=ocp.args.PyTreeRestore(
-        item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True
-      ),
-    )["params"]
-  finally:
-    mgr.close()
-  return (
-    params,
-    checkpoints.load_config(os.path.dirname(ckpt_dir)),
-    os.path.join(ckpt_dir, str(step)),
-  )
-
-
-def load(source: str) -> tuple[convert.Params, dict, str]:
+def load(source: str) -> tuple[layouts.Params, dict, str]:
   """(parameters, the config.model settings they were trained with, a description)."""
   if os.path.isdir(source):
-    params, saved, where = read_checkpoint(source)
-    return params, ({} if saved is None else saved.model.to_dict()), f"checkpoint {where}"
-  params, fmt = convert.read_pretrained(source)
-  return params, convert.TRAINED_WITH[fmt], f"{fmt} weights {source}"
+    params, step, ckpt_dir = checkpoints.read_params(source)
+    saved = checkpoints.load_config(os.path.dirname(ckpt_dir))
+    model = {} if saved is None else saved.model.to_dict()
+    return params, model, f"checkpoint {os.path.join(ckpt_dir, str(step))}"
+  params, fmt = layouts.read_pretrained(source)
+  return params, layouts.TRAINED_WITH[fmt], f"{fmt} weights {source}"
 
 
-def place(params: convert.Params, target: Any, source: str) -> Any:
+def place(params: layouts.Params, target: Any, source: str) -> Any:
   """`params` laid out as `target` (this run's sharded parameters), or a clear error."""
   wrong = {
     name: f"{name} {np.shape(params.get(name, {}).get('kernel'))} (this run: {want['kernel'].shape})"
@@ -103,7 +55,8 @@ def place(params: convert.Params, target: Any, source: str) -> Any:
   }
   if wrong:
     hint = (
-      "; the paper net's fc6 follows image_size: use the size the weights were trained at (227 for Caffe's)"
+      "; the paper net's fc6 follows image_size: use the size the weights were trained at "
+      "(227 for Caffe's)"
       if "fc6" in wrong
       else ""
     )

@@ -75,3 +75,8 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEF
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are split over `data` and replicated over `model` (each tower sees every image)."""
   return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A whole copy on every device of the mesh (the mean image, metrics, scalars)."""
+  return NamedSharding(mesh, P())

@@ -12,8 +12,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from alexnet_jax import augment
+from alexnet_jax import augment, sharding
 from alexnet_jax.models import AlexNet
 
 
@@ -94,3 +95,36 @@ def make_eval_step(model: AlexNet):
     }
 
   return eval_step
+
+
+def jit_steps(
+  model: AlexNet,
+  tx: optax.GradientTransformation,
+  state_shardings: Any,
+  mesh: Mesh | None,
+  *,
+  seed: int,
+  skip_nonfinite: bool = False,
+  compiler_options: dict | None = None,
+):
+  """(train step, eval step), jitted as training runs them: the state donated, batches split
+  over `data`, metrics and the mean image replicated. `mesh=None`: one device, no shardings.
+  The benchmark times these very functions."""
+  train_step = make_train_step(model, tx, seed, skip_nonfinite)
+  eval_step = make_eval_step(model)
+  options = dict(compiler_options=compiler_options)
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=0, **options), jax.jit(eval_step, **options)
+  batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return (
+    jax.jit(
+      train_step,
+      donate_argnums=0,
+      in_shardings=(state_shardings, batch, rep),
+      out_shardings=(state_shardings, rep),
+      **options,
+    ),
+    jax.jit(
+      eval_step, in_shardings=(state_shardings.params, batch, rep), out_shardings=rep, **options
+    ),
+  )

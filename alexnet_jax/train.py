@@ -18,116 +18,24 @@ import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import (
   backend,
+  builders,
   checkpoints,
+  datasets,
   input_pipeline,
   metrics,
   optim,
   preemption,
   pretrained,
   sharding,
-  synthetic,
+  steps,
 )
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import AlexNet
-from alexnet_jax.steps import TrainState, make_eval_step, make_train_step
-
-
-def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> AlexNet:
-  m = config.model
-  return AlexNet(
-    num_classes=config.num_classes,
-    variant=m.variant,
-    mesh=mesh,
-    towers=m.towers if m.variant == "paper" else None,
-    activation=m.activation,
-    lrn=m.lrn,
-    overlapping_pool=m.overlapping_pool,
-    dropout_rate=m.dropout_rate,
-    init_std=m.init_std,
-    bias_one=m.bias_one,
-    lrn_scope=m.lrn_scope,
-    lrn_k=m.lrn_k,
-    lrn_n=m.lrn_n,
-    lrn_alpha=m.lrn_alpha,
-    lrn_beta=m.lrn_beta,
-    dtype=jnp.dtype(config.dtype),
-    ops_impl=config.get("ops_impl", "fast"),
-  )  # workdirs from before ops_impl
-
-
-def load_splits(
-  config: ml_collections.ConfigDict, workdir: str
-) -> tuple[Any, Any, input_pipeline.Stats]:
-  """The train and val splits the config names, and the statistics training subtracts and jitters with.
-
-  "imagenet2012" reads shards written by `alexnet_jax.prepare` (from the ImageNet archives
-  or any image-folder tree); the synthetic set is generated on first use.
-  """
-  data_dir = config.data_dir
-  if config.dataset == "synthetic":
-    data_dir = data_dir or os.path.join(workdir, "data")
-    sizes = dict(
-      train_per_class=config.synthetic_train_per_class,
-      val_per_class=config.synthetic_val_per_class,
-      seed=config.seed,
-    )
-    if jax.process_index() == 0:
-      synthetic.generate(data_dir, **sizes)
-    _sync("synthetic data")
-    synthetic.generate(data_dir, **sizes)  # a no-op where the first process already wrote it
-  if config.dataset == "imagenet2012":
-    train, val = input_pipeline.read_prepared(data_dir)
-    if train.side != config.resize_size:
-      raise UserInputError(
-        f"{data_dir} was prepared at {train.side}x{train.side} but resize_size={config.resize_size}; "
-        f"set --config.resize_size={train.side}"
-      )
-  else:
-    train, val = input_pipeline.read_image_folder(data_dir)
-  if len(train.classes) != config.num_classes:
-    raise UserInputError(
-      f"num_classes={config.num_classes} but {data_dir} has {len(train.classes)} classes; "
-      f"set --config.num_classes={len(train.classes)}"
-    )
-  stats = input_pipeline.load_stats(
-    data_dir if config.dataset == "imagenet2012" else "",
-    config.resize_size,
-    config.channel_mean,
-    per_pixel=config.mean_subtraction == "image",
-  )
-  return train, val, stats
-
-
-def create_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
-) -> optax.GradientTransformation:
-  schedule = optim.make_schedule(
-    config.lr_schedule,
-    config.learning_rate,
-    steps_per_epoch,
-    total_steps,
-    tuple(config.lr_boundaries_epochs),
-    config.lr_decay_factor,
-  )
-  return optim.paper_sgd(
-    schedule,
-    config.momentum,
-    config.weight_decay,
-    config.weight_decay_on_biases,
-    frozen=optim.frozen_layers(config.freeze_all_but_last),
-  )
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
+from alexnet_jax.steps import TrainState
 
 
 def to_global(batch: dict, batch_sharding: NamedSharding) -> dict:
@@ -169,23 +77,6 @@ def evaluate(
   }
 
 
-def _initial_state(
-  model: AlexNet, tx: optax.GradientTransformation, image_size: int, seed: int, mesh: Mesh
-) -> tuple[TrainState, Any]:
-  """Parameters created directly in their shards (never whole on one device)."""
-  unsharded = model.clone(mesh=None)
-
-  def init():
-    params = unsharded.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))[
-      "params"
-    ]
-    plateau = {"best": jnp.float32(np.inf), "bad_evals": jnp.int32(0), "drops": jnp.int32(0)}
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), plateau=plateau)
-
-  shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
-  return jax.jit(init, out_shardings=shardings)(), shardings
-
-
 def _apply_plateau(
   state: TrainState, val_error: float, config: ml_collections.ConfigDict
 ) -> TrainState:
@@ -211,7 +102,7 @@ def _apply_plateau(
 
 @dataclasses.dataclass
 class _Job:
-  """Everything a run or an evaluation of `config` in `workdir` needs, built before any compilation."""
+  """Everything a run or an evaluation of `config` in `workdir` needs, built before compiling."""
 
   config: ml_collections.ConfigDict
   workdir: str
@@ -243,11 +134,15 @@ class _Job:
     return jax.device_put(self.stats.mean_image, self.replicated)
 
   @functools.cached_property
-  def eval_step(self):
-    return jax.jit(
-      make_eval_step(self.model),
-      out_shardings=self.replicated,
-      in_shardings=(self.state_shardings.params, self.batch_sharding, self.replicated),
+  def steps(self) -> tuple[Any, Any]:
+    """(train step, eval step), jitted with their shardings; compiled on first call."""
+    return steps.jit_steps(
+      self.model,
+      self.tx,
+      self.state_shardings,
+      self.mesh,
+      seed=self.config.seed,
+      skip_nonfinite=self.config.skip_nonfinite_steps,
       compiler_options=backend.compiler_options(),
     )
 
@@ -256,11 +151,11 @@ class _Job:
     batches = input_pipeline.eval_batches(
       self.val_split, crops=self.config.eval_crops, **self.data_args
     )
-    return evaluate(self.eval_step, params, batches, self.batch_sharding, self.mean_image)
+    return evaluate(self.steps[1], params, batches, self.batch_sharding, self.mean_image)
 
   @property
   def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
+    return sharding.replicated(self.mesh)
 
   @property
   def batch_sharding(self) -> NamedSharding:
@@ -277,15 +172,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Job:
   os.makedirs(workdir, exist_ok=True)
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     checkpoints.check_resumable(workdir, config)
-  train_split, val_split, stats = load_splits(config, workdir)
+  train_split, val_split, stats = datasets.load_splits(config, workdir)
   mesh = sharding.make_mesh(config.model_parallelism, jax.devices()[: config.num_devices] or None)
-  model = create_model(config, mesh)
+  model = builders.create_model(config, mesh)
   steps_per_epoch = len(train_split) // config.batch_size
   total_steps = (
     config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
   )
-  tx = create_optimizer(config, steps_per_epoch, total_steps)
-  state, state_shardings = _initial_state(model, tx, config.image_size, config.seed, mesh)
+  tx = builders.create_optimizer(config, steps_per_epoch, total_steps)
+  state, state_shardings = builders.initial_state(model, tx, config.image_size, config.seed, mesh)
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
   return _Job(
     config,
@@ -320,15 +215,10 @@ def evaluate_checkpoint(
 ) -> dict:
   """Evaluates the latest (or the named) checkpoint of workdir on the whole validation split."""
   job = _setup(config, workdir)
-  steps = job.mgr.all_steps()
-  if not steps or (step is not None and step not in steps):
+  try:
+    state = checkpoints.restore(job.mgr, job.state, step)
+  finally:
     job.mgr.close()
-    raise UserInputError(
-      f"no checkpoint {'' if step is None else step} in {job.mgr.directory}"
-      f"{f' (there are {sorted(steps)})' if steps else ''}: train first, or pass a saved --step"
-    )
-  state = checkpoints.restore(job.mgr, job.state, step)
-  job.mgr.close()
   result = job.evaluate(state.params)
   _log_eval(int(state.step), result)
   writer = metrics.MetricWriter(job.workdir, enabled=jax.process_index() == 0)
@@ -368,13 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     input_pipeline.save_stats(job.workdir, job.stats)
     metrics.truncate_after(job.workdir, start)  # lines a killed run wrote past its last checkpoint
 
-  train_step = jax.jit(
-    make_train_step(job.model, job.tx, config.seed, config.skip_nonfinite_steps),
-    donate_argnums=0,
-    in_shardings=(job.state_shardings, job.batch_sharding, job.replicated),
-    out_shardings=(job.state_shardings, job.replicated),
-    compiler_options=backend.compiler_options(),
-  )
+  train_step = job.steps[0]
   writer = metrics.MetricWriter(job.workdir, enabled=lead)
   progress = metrics.Progress(total_steps, start, enabled=lead)
   stream = input_pipeline.train_batches(

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from alexnet_jax import checkpoints, convert, sharding
+from alexnet_jax import builders, checkpoints, convert, layouts, sharding
 from alexnet_jax.errors import UserInputError
-from alexnet_jax.models import AlexNet, make_arch, param_shapes
+from alexnet_jax.models import LAYERS, AlexNet, make_arch, param_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAFFE_LRN = dict(lrn_scope="all", lrn_k=1.0, lrn_alpha=2e-5)
@@ -137,7 +137,7 @@ def torch_layers(state_dict, prefixes):
 
 TORCHVISION_PREFIXES = dict(
   zip(
-    convert.LAYERS,
+    LAYERS,
     (
       "features.0",
       "features.3",
@@ -182,9 +182,9 @@ def test_param_shapes_are_the_models(variant, towers, side):
 
 
 def test_configs_run_the_weights_as_trained():
-  for fmt, name in convert._CONFIGS.items():
+  for fmt, name in convert.CONFIGS.items():
     model = importlib.import_module(f"configs.{name}").get_config().model
-    assert {k: model[k] for k in convert.TRAINED_WITH[fmt]} == convert.TRAINED_WITH[fmt], name
+    assert {k: model[k] for k in layouts.TRAINED_WITH[fmt]} == layouts.TRAINED_WITH[fmt], name
 
 
 def test_torchvision_state_dict_gives_the_numpy_reference_logits(torchvision_sd):
@@ -194,12 +194,12 @@ def test_torchvision_state_dict_gives_the_numpy_reference_logits(torchvision_sd)
     torch_layers(sd, TORCHVISION_PREFIXES), x, pad1=2, groups=1, lrn=None, flatten="chw"
   )
   ours = AlexNet(num_classes=10, variant="torchvision").apply(
-    {"params": convert.from_torchvision(sd)}, x
+    {"params": layouts.from_torchvision(sd)}, x
   )
   assert_logits_close(ours, ref)
   # With the std folded into conv1, the net takes pixels minus the mean in 0-255 units.
-  folded = convert.from_torchvision(sd, input_std=convert.TORCHVISION_STD)
-  pixels = x * np.asarray(convert.TORCHVISION_STD, np.float32)
+  folded = layouts.from_torchvision(sd, input_std=layouts.TORCHVISION_STD)
+  pixels = x * np.asarray(layouts.TORCHVISION_STD, np.float32)
   assert_logits_close(
     AlexNet(num_classes=10, variant="torchvision").apply({"params": folded}, pixels), ref
   )
@@ -221,18 +221,18 @@ def test_caffe_npy_gives_the_numpy_reference_logits(tmp_path):
     flatten="hwc",
   )
   model = AlexNet(num_classes=5, **CAFFE_LRN)
-  assert_logits_close(model.apply({"params": convert.from_caffe_npy(path)}, bgr), ref)
+  assert_logits_close(model.apply({"params": layouts.from_caffe_npy(path)}, bgr), ref)
   rgb = bgr[..., ::-1]
-  assert_logits_close(model.apply({"params": convert.from_caffe_npy(path, rgb=True)}, rgb), ref)
+  assert_logits_close(model.apply({"params": layouts.from_caffe_npy(path, rgb=True)}, rgb), ref)
   # caffe-tensorflow's other form, {layer: {"weights", "biases"}}, reads the same.
   named = {k: {"weights": w, "biases": b} for k, (w, b) in layers.items()}
   np.testing.assert_array_equal(
-    convert.from_caffe(named)["fc6"]["kernel"], convert.from_caffe(layers)["fc6"]["kernel"]
+    layouts.from_caffe(named)["fc6"]["kernel"], layouts.from_caffe(layers)["fc6"]["kernel"]
   )
   # The paper's per-tower LRN gives other numbers: the option matters.
   assert not np.allclose(
     AlexNet(num_classes=5, lrn_k=1.0, lrn_alpha=2e-5).apply(
-      {"params": convert.from_caffe(layers)}, bgr
+      {"params": layouts.from_caffe(layers)}, bgr
     ),
     ref,
     rtol=1e-3,
@@ -241,7 +241,7 @@ def test_caffe_npy_gives_the_numpy_reference_logits(tmp_path):
 
 def test_grouped_export_gives_the_numpy_reference_logits():
   params = paper_params(99, num_classes=6)
-  sd = convert.to_torch_grouped(params)
+  sd = layouts.to_torch_grouped(params)
   assert list(sd)[:2] == ["conv1.weight", "conv1.bias"] and sd["conv2.weight"].shape == (
     256,
     48,
@@ -250,7 +250,7 @@ def test_grouped_export_gives_the_numpy_reference_logits():
   )
   x = np.random.default_rng(2).uniform(-120, 120, (2, 99, 99, 3)).astype(np.float32)
   ref = np_forward(
-    torch_layers(sd, {n: n for n in convert.LAYERS}),
+    torch_layers(sd, {n: n for n in LAYERS}),
     x,
     pad1=0,
     groups=2,
@@ -268,17 +268,17 @@ def assert_trees_equal(a, b):
 
 def test_round_trips_are_exact(torchvision_sd):
   rng, sd = np.random.default_rng(3), torchvision_sd
-  ours = convert.from_torchvision(sd)
-  assert_trees_equal(convert.to_torchvision(ours), sd)
-  assert_trees_equal(convert.from_torchvision(convert.to_torchvision(ours)), ours)
+  ours = layouts.from_torchvision(sd)
+  assert_trees_equal(layouts.to_torchvision(ours), sd)
+  assert_trees_equal(layouts.from_torchvision(layouts.to_torchvision(ours)), ours)
   for towers in (None, 1):
     params = paper_params(99, num_classes=4, towers=towers)
-    assert_trees_equal(convert.from_torch_grouped(convert.to_torch_grouped(params)), params)
-  caffe = convert.from_caffe(random_caffe(rng, side=2, num_classes=3))
-  assert_trees_equal(convert.from_torch_grouped(convert.to_torch_grouped(caffe)), caffe)
+    assert_trees_equal(layouts.from_torch_grouped(layouts.to_torch_grouped(params)), params)
+  caffe = layouts.from_caffe(random_caffe(rng, side=2, num_classes=3))
+  assert_trees_equal(layouts.from_torch_grouped(layouts.to_torch_grouped(caffe)), caffe)
   # Folding the input std into conv1 and out again is exact up to float rounding.
-  back = convert.to_torchvision(
-    convert.from_torchvision(sd, convert.TORCHVISION_STD), convert.TORCHVISION_STD
+  back = layouts.to_torchvision(
+    layouts.from_torchvision(sd, layouts.TORCHVISION_STD), layouts.TORCHVISION_STD
   )
   np.testing.assert_allclose(back["features.0.weight"], sd["features.0.weight"], rtol=1e-6)
 
@@ -288,11 +288,11 @@ def test_state_dict_files_round_trip(tmp_path, suffix, torchvision_sd):
   pytest.importorskip({".npz": "numpy", ".safetensors": "safetensors", ".pth": "torch"}[suffix])
   sd = torchvision_sd
   path = str(tmp_path / f"alexnet{suffix}")
-  convert.write_state_dict(sd, path)
-  assert_trees_equal(convert.read_state_dict(path), sd)
-  params, fmt = convert.read_pretrained(path)  # adapted to our pipeline: std folded into conv1
+  layouts.write_state_dict(sd, path)
+  assert_trees_equal(layouts.read_state_dict(path), sd)
+  params, fmt = layouts.read_pretrained(path)  # adapted to our pipeline: std folded into conv1
   assert fmt == "torchvision"
-  assert_trees_equal(params, convert.from_torchvision(sd, convert.TORCHVISION_STD))
+  assert_trees_equal(params, layouts.from_torchvision(sd, layouts.TORCHVISION_STD))
 
 
 def test_lrn_across_all_maps_is_the_same_on_a_tower_mesh():
@@ -321,7 +321,7 @@ def test_missing_extra_and_misshaped_tensors_are_listed(torchvision_sd):
   sd["features.99.weight"] = np.zeros(3, np.float32)
   sd["classifier.4.weight"] = sd["classifier.4.weight"][:100]
   with pytest.raises(UserInputError) as e:
-    convert.from_torchvision(sd)
+    layouts.from_torchvision(sd)
   message = str(e.value)
   assert "missing features.0.bias" in message and "extra features.99.weight" in message
   assert "classifier.4.weight (100, 4096) (expected (4096, 4096))" in message
@@ -330,38 +330,38 @@ def test_missing_extra_and_misshaped_tensors_are_listed(torchvision_sd):
   with pytest.raises(
     UserInputError, match=r"conv2.weights \(5, 5, 48, 128\) \(expected \(5, 5, 48, 256\)\)"
   ):
-    convert.from_caffe(layers)
+    layouts.from_caffe(layers)
   with pytest.raises(UserInputError, match="'fc8' holds ndarray, not \\[weights, biases\\]"):
-    convert.from_caffe(layers | {"fc8": layers["fc8"][0]})
+    layouts.from_caffe(layers | {"fc8": layers["fc8"][0]})
   with pytest.raises(UserInputError, match="not a 'torchvision' AlexNet"):
-    convert.to_torchvision(paper_params(67, 3))
+    layouts.to_torchvision(paper_params(67, 3))
 
 
 def test_unknown_formats_are_named(tmp_path):
   path = str(tmp_path / "alexnet.bin")
   open(path, "wb").write(b"\0" * 8)
   with pytest.raises(UserInputError, match="unknown weights format '.bin'"):
-    convert.read_pretrained(path)
+    layouts.read_pretrained(path)
   npz = str(tmp_path / "other.npz")
   np.savez(npz, **{"layer1.weight": np.zeros(3)})
   with pytest.raises(UserInputError, match="neither torchvision's AlexNet keys"):
-    convert.read_pretrained(npz)
+    layouts.read_pretrained(npz)
   plain = str(tmp_path / "plain.npy")
   np.save(plain, np.zeros((2, 3)))
   with pytest.raises(UserInputError, match="not Caffe's pickled"):
-    convert.from_caffe_npy(plain)
+    layouts.from_caffe_npy(plain)
   with pytest.raises(UserInputError, match="is not a .npy file"):
-    convert.from_caffe_npy(path)
+    layouts.from_caffe_npy(path)
   truncated = str(tmp_path / "truncated.npy")
   np.save(truncated, {"conv1": [np.zeros(4, np.float32)]}, allow_pickle=True)
   open(truncated, "r+b").truncate(os.path.getsize(truncated) - 20)
   with pytest.raises(UserInputError, match="cannot read .*truncated.npy"):
-    convert.from_caffe_npy(truncated)
+    layouts.from_caffe_npy(truncated)
   corrupt = str(tmp_path / "corrupt.safetensors")
   open(corrupt, "wb").write(b"\x05" * 64)
   pytest.importorskip("safetensors")
   with pytest.raises(UserInputError, match="cannot read .* as safetensors"):
-    convert.read_state_dict(corrupt)
+    layouts.read_state_dict(corrupt)
 
 
 class _Exploit:
@@ -379,12 +379,12 @@ def test_restricted_unpickler_refuses_code(tmp_path):
   with pytest.raises(
     UserInputError, match=r"refusing .*: its pickle calls (posix|os)\.system.*nothing was loaded"
   ):
-    convert.from_caffe_npy(path)
+    layouts.from_caffe_npy(path)
   assert not marker.exists()
   # The same file in a .npz (pickled arrays) is refused too.
   np.savez(str(tmp_path / "w.npz"), a=np.array([_Exploit(marker)], dtype=object))
   with pytest.raises(UserInputError, match="refusing"):
-    convert.read_state_dict(str(tmp_path / "w.npz"))
+    layouts.read_state_dict(str(tmp_path / "w.npz"))
   assert not marker.exists()
 
 
@@ -406,18 +406,13 @@ def test_command_line_prints_one_line_errors(tmp_path):
 
 def restore_train_state(workdir):
   """The whole TrainState of workdir's latest checkpoint, as `--mode=eval` and resuming restore it."""
-  from alexnet_jax import train
-
   config = checkpoints.load_config(workdir)
   mesh = sharding.make_mesh(1)
-  target = jax.eval_shape(
-    lambda: train._initial_state(
-      train.create_model(config, mesh),
-      train.create_optimizer(config, 1, 1),
-      config.image_size,
-      config.seed,
-      mesh,
-    )[0]
+  target = builders.abstract_state(
+    builders.create_model(config, mesh),
+    builders.create_optimizer(config, 1, 1),
+    config.image_size,
+    mesh,
   )
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
   state = checkpoints.restore(mgr, target)
@@ -429,7 +424,7 @@ def test_import_writes_a_checkpoint_training_restores_and_export_reads_back(tmp_
   """A grouped paper net trained on 67x67 crops (quickstart's) out to PyTorch and back in."""
   params = paper_params(67, num_classes=10)
   source, workdir = str(tmp_path / "alexnet.npz"), str(tmp_path / "converted")
-  convert.write_state_dict(convert.to_torch_grouped(params), source)
+  layouts.write_state_dict(layouts.to_torch_grouped(params), source)
   convert.import_weights(source, workdir)
   config, state = restore_train_state(workdir)
   assert (config.model.variant, config.model.towers, config.num_classes) == ("paper", 2, 10)
@@ -438,7 +433,7 @@ def test_import_writes_a_checkpoint_training_restores_and_export_reads_back(tmp_
   assert_trees_equal(jax.tree.map(np.asarray, state.params), params)
   out = str(tmp_path / "back.npz")
   assert convert.export_weights(workdir, out) == "torch_grouped"
-  assert_trees_equal(convert.read_state_dict(out), convert.to_torch_grouped(params))
+  assert_trees_equal(layouts.read_state_dict(out), layouts.to_torch_grouped(params))
   with pytest.raises(UserInputError, match="already holds checkpoints"):
     convert.import_weights(source, workdir)
   with pytest.raises(UserInputError, match="not --format=caffe"):
@@ -450,17 +445,17 @@ def test_import_writes_a_checkpoint_training_restores_and_export_reads_back(tmp_
 @pytest.mark.slow
 def test_torchvision_and_caffe_files_import_with_their_configs(tmp_path, torchvision_sd):
   source, workdir = str(tmp_path / "alexnet.safetensors"), str(tmp_path / "torchvision")
-  convert.write_state_dict(torchvision_sd, source)
+  layouts.write_state_dict(torchvision_sd, source)
   convert.import_weights(source, workdir)
   config, state = restore_train_state(workdir)
   assert (config.model.variant, config.num_classes, config.image_size) == ("torchvision", 10, 224)
   assert tuple(config.channel_mean) == (123.675, 116.28, 103.53)
-  assert_trees_equal(jax.tree.map(np.asarray, state.params), convert.read_pretrained(source)[0])
+  assert_trees_equal(jax.tree.map(np.asarray, state.params), layouts.read_pretrained(source)[0])
   out = str(tmp_path / "back.pth" if importlib.util.find_spec("torch") else tmp_path / "back.npz")
   assert (
     convert.export_weights(workdir, out) == "torchvision"
   )  # torchvision's std back out of conv1
-  back = convert.read_state_dict(out)
+  back = layouts.read_state_dict(out)
   for k in torchvision_sd:
     np.testing.assert_allclose(back[k], torchvision_sd[k], rtol=1e-6, atol=1e-8)
   source, workdir = str(tmp_path / "bvlc_alexnet.npy"), str(tmp_path / "caffe")
@@ -474,7 +469,7 @@ def test_torchvision_and_caffe_files_import_with_their_configs(tmp_path, torchvi
     (122.68, 116.67, 104.01), abs=0.01
   )  # Caffe's, RGB
   assert_trees_equal(
-    jax.tree.map(np.asarray, state.params), convert.from_caffe_npy(source, rgb=True)
+    jax.tree.map(np.asarray, state.params), layouts.from_caffe_npy(source, rgb=True)
   )
 
 
@@ -492,7 +487,7 @@ def test_torch_nets_give_the_same_logits():
   net = torch_nets.TorchvisionAlexNet(num_classes=10).eval()
   with torch.no_grad():
     ref = net(torch.from_numpy(x)).numpy()
-  params = convert.from_torchvision({k: v.numpy() for k, v in net.state_dict().items()})
+  params = layouts.from_torchvision({k: v.numpy() for k, v in net.state_dict().items()})
   ours = AlexNet(num_classes=10, variant="torchvision").apply(
     {"params": params}, x.transpose(0, 2, 3, 1)
   )
@@ -501,7 +496,7 @@ def test_torch_nets_give_the_same_logits():
   params = paper_params(99, num_classes=10)  # pool5 2x2: fc6's CHW order matters
   grouped = torch_nets.GroupedAlexNet(num_classes=10, pool5_side=2).eval()
   grouped.load_state_dict(
-    {k: torch.from_numpy(v) for k, v in convert.to_torch_grouped(params).items()}
+    {k: torch.from_numpy(v) for k, v in layouts.to_torch_grouped(params).items()}
   )
   x = np.random.default_rng(8).uniform(-120, 120, (4, 99, 99, 3)).astype(np.float32)
   with torch.no_grad():
@@ -518,5 +513,5 @@ def test_torch_pth_is_read_with_weights_only(tmp_path):
   path = str(tmp_path / "evil.pth")
   torch.save({"features.0.weight": torch.zeros(1), "x": _Exploit(tmp_path / "pwned")}, path)
   with pytest.raises(UserInputError, match="weights_only=True"):
-    convert.read_state_dict(path)
+    layouts.read_state_dict(path)
   assert not (tmp_path / "pwned").exists()

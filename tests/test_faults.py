@@ -72,7 +72,7 @@ def wait_for_step(workdir, step, proc, timeout=300):
 
 def params_of(workdir, step=None):
   return jax.device_get(
-    restore.restore(workdir, step=step, mesh=train.sharding.make_mesh(1, jax.devices()[:1])).params
+    restore.restore(workdir, step=step, mesh=sharding.make_mesh(1, jax.devices()[:1])).params
   )
 
 
@@ -201,7 +201,7 @@ def test_a_4x2_checkpoint_restores_on_1_2x1_and_1x2_and_trains_on(tmp_path, data
   x = jax.random.normal(jax.random.key(0), (4, 67, 67, 3)) * 50
   logits = []
   for model, devices in ((1, 1), (1, 2), (2, 2)):
-    r = restore.restore(workdir, mesh=train.sharding.make_mesh(model, jax.devices()[:devices]))
+    r = restore.restore(workdir, mesh=sharding.make_mesh(model, jax.devices()[:devices]))
     logits.append(np.asarray(r.model.apply({"params": r.params}, x)))
   for other in logits[1:]:
     np.testing.assert_allclose(other, logits[0], rtol=1e-5, atol=1e-5)

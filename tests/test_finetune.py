@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 from test_convert import paper_params, random_torchvision
 
-from alexnet_jax import checkpoints, convert, optim, pretrained, sharding, train
+from alexnet_jax import builders, checkpoints, convert, layouts, optim, pretrained, sharding, train
+from alexnet_jax.models import LAYERS
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from configs import quickstart
 
-TRUNK = optim.LAYERS[:-1]  # conv1 ... fc7
+TRUNK = LAYERS[:-1]  # conv1 ... fc7
 
 
 def initial_state(config):
   mesh = sharding.make_mesh(config.model_parallelism)
-  return train._initial_state(
-    train.create_model(config, mesh),
-    train.create_optimizer(config, 1, 1),
+  return builders.initial_state(
+    builders.create_model(config, mesh),
+    builders.create_optimizer(config, 1, 1),
     config.image_size,
     config.seed,
     mesh,
@@ -36,7 +37,7 @@ def fresh():
 
 def grouped_file(path, num_classes, side=67, seed=1):
   params = paper_params(side, num_classes=num_classes, seed=seed)
-  convert.write_state_dict(convert.to_torch_grouped(params), str(path))
+  layouts.write_state_dict(layouts.to_torch_grouped(params), str(path))
   return params
 
 
@@ -49,20 +50,20 @@ def assert_layers_equal(a, b, names):
 
 
 def test_frozen_layers_get_no_update():
-  params = {name: {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)} for name in optim.LAYERS}
+  params = {name: {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)} for name in LAYERS}
   grads = jax.tree.map(jnp.ones_like, params)
-  assert optim.frozen_layers(2) == optim.LAYERS[:6] and optim.frozen_layers(0) == ()
+  assert optim.frozen_layers(2) == LAYERS[:6] and optim.frozen_layers(0) == ()
   config = quickstart.get_config()
   config.freeze_all_but_last = 2
-  tx = train.create_optimizer(config, 10, 100)
+  tx = builders.create_optimizer(config, 10, 100)
   updates, _ = tx.update(grads, tx.init(params), params)
-  for name in optim.LAYERS:  # weight decay included: frozen weights do not move at all
+  for name in LAYERS:  # weight decay included: frozen weights do not move at all
     moved = any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates[name]))
     assert moved == (name in ("fc7", "fc8")), name
   # One optimizer-state structure whatever is frozen: a checkpoint restores under any setting.
   config.freeze_all_but_last = 0
   assert jax.tree.structure(tx.init(params)) == jax.tree.structure(
-    train.create_optimizer(config, 10, 100).init(params)
+    builders.create_optimizer(config, 10, 100).init(params)
   )
 
 
@@ -95,13 +96,13 @@ def test_init_from_a_checkpoint_reads_only_its_params(tmp_path, fresh):
   config = quickstart.get_config()
   for where in (workdir, f"{workdir}/checkpoints", f"{workdir}/checkpoints/7"):
     config.init_from = where
-    assert_layers_equal(pretrained.init_params(config, fresh), source, optim.LAYERS)
+    assert_layers_equal(pretrained.init_params(config, fresh), source, LAYERS)
 
 
 def test_mismatched_weights_are_named(tmp_path, fresh):
   config = quickstart.get_config()
   config.init_from = str(tmp_path / "torchvision.npz")
-  convert.write_state_dict(random_torchvision(np.random.default_rng(0)), config.init_from)
+  layouts.write_state_dict(random_torchvision(np.random.default_rng(0)), config.init_from)
   with pytest.raises(
     UserInputError, match="holds a 'torchvision' AlexNet .* set --config.model.variant=torchvision"
   ):
@@ -112,8 +113,8 @@ def test_mismatched_weights_are_named(tmp_path, fresh):
     UserInputError, match=r"fc6 \(2, 1024, 2048\) \(this run: \(2, 256, 2048\)\).*image_size"
   ):
     pretrained.init_params(config, fresh)
-  with pytest.raises(UserInputError, match="is neither a workdir with checkpoints/"):
-    pretrained.read_checkpoint(str(tmp_path))
+  with pytest.raises(UserInputError, match="has no checkpoints/: train first"):
+    checkpoints.read_params(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -134,7 +135,7 @@ def test_bad_fine_tuning_values_are_named(change, message):
     check_config(config)
   config = quickstart.get_config()
   config.model.lrn_scope = "gpu"
-  with pytest.raises(UserInputError, match="unknown model.lrn_scope 'gpu'"):
+  with pytest.raises(UserInputError, match="unknown lrn_scope 'gpu'"):
     check_config(config)
 
 

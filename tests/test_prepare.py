@@ -120,7 +120,7 @@ def test_train_and_evaluate_on_prepared_data(prepared, tmp_path):
   assert train.evaluate_checkpoint(config, workdir, step=2)["val/loss"] == pytest.approx(
     ten["val/loss"], rel=1e-5
   )
-  with pytest.raises(UserInputError, match="no checkpoint 7"):
+  with pytest.raises(UserInputError, match="has no checkpoint at step 7"):
     train.evaluate_checkpoint(config, workdir, step=7)
 
 

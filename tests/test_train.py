@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoints, metrics, train
+from alexnet_jax import builders, checkpoints, metrics, sharding, train
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from configs import default, quickstart
@@ -31,10 +31,10 @@ def small_config(data_dir, **overrides):
 def final_params(workdir, config):
   """The latest checkpoint's parameters, restored onto one device."""
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
-  model = train.create_model(config)
-  tx = train.create_optimizer(config, 1, 1)
-  target, _ = train._initial_state(
-    model, tx, config.image_size, config.seed, train.sharding.make_mesh(1, jax.devices()[:1])
+  model = builders.create_model(config)
+  tx = builders.create_optimizer(config, 1, 1)
+  target = builders.abstract_state(
+    model, tx, config.image_size, sharding.make_mesh(1, jax.devices()[:1])
   )
   restored = checkpoints.restore(mgr, target)
   mgr.close()
@@ -64,12 +64,12 @@ def test_one_training_step_and_evaluation(tmp_path, data_dir):
   # The checkpoint holds trained parameters: they moved away from the seeded initialisation.
   state = final_params(workdir, config)
   assert int(state.step) == 2
-  init, _ = train._initial_state(
-    train.create_model(config),
-    train.create_optimizer(config, 1, 1),
+  init, _ = builders.initial_state(
+    builders.create_model(config),
+    builders.create_optimizer(config, 1, 1),
     config.image_size,
     config.seed,
-    train.sharding.make_mesh(1, jax.devices()[:1]),
+    sharding.make_mesh(1, jax.devices()[:1]),
   )
   assert not np.allclose(state.params["fc8"]["kernel"], init.params["fc8"]["kernel"])
 
@@ -121,7 +121,7 @@ def test_a_changed_model_cannot_resume_a_workdir(tmp_path, data_dir):
     ({"image_size": 40, "resize_size": 48}, "image_size=40"),
     ({"resize_size": 60}, "resize_size=60 is smaller than the crop"),
     ({"dtype": "float16"}, "unknown dtype 'float16'"),
-    ({"ops_impl": "cudnn"}, "unknown ops_impl 'cudnn'; set --config.ops_impl to one of"),
+    ({"ops_impl": "cudnn"}, "unknown ops_impl 'cudnn'; choose one of"),
     ({"dataset": "image_folder", "data_dir": ""}, "needs --config.data_dir"),
   ],
 )
@@ -135,11 +135,11 @@ def test_bad_config_values_are_named(change, message):
 
 def test_ops_impl_reaches_the_model_and_old_workdirs_get_the_default():
   config = quickstart.get_config()
-  assert train.create_model(config).ops_impl == "fast"
+  assert builders.create_model(config).ops_impl == "fast"
   config.ops_impl = "plain"
-  assert train.create_model(config).ops_impl == "plain"
+  assert builders.create_model(config).ops_impl == "plain"
   del config["ops_impl"]  # a config.json written before the option existed
-  assert train.create_model(config).ops_impl == "fast"
+  assert builders.create_model(config).ops_impl == "fast"
 
 
 def test_bad_model_values_are_named():
