@@ -12,53 +12,24 @@ Imports neither TensorFlow nor the configs: it runs on any machine with JAX, Fla
 On a CPU host, simulated devices are created for the meshes.
 """
 
-import os
-import sys
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-  ).strip()
-
 import dataclasses
 import datetime
 import json
 import math
 import statistics
+import sys
 import time
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import Mesh
 
-from alexnet_jax import backend, models, optim, sharding, steps
+from alexnet_jax import backend, cli, models, optim, sharding, steps
+from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import AlexNet
-
-_VARIANT = flags.DEFINE_enum("variant", "paper", list(models.VARIANTS), "Which net.")
-_BATCH = flags.DEFINE_list("batch_size", ["32"], "Global batch sizes, e.g. 32,128,512.")
-_SIZE = flags.DEFINE_integer("image_size", 227, "Input side.")
-_DTYPE = flags.DEFINE_list("dtype", ["float32"], "Computation dtypes: float32, bfloat16 or both.")
-_MESHES = flags.DEFINE_list(
-  "meshes", ["none"], "'none' (no mesh) or DATAxMODEL (e.g. 1x2: one tower per device)."
-)
-_OPS = flags.DEFINE_list("ops_impl", ["fast"], "AlexNet(ops_impl=...): fast, plain or both.")
-_OPTIONS = flags.DEFINE_list(
-  "compiler_options",
-  ["backend"],
-  "backend (backend.compiler_options(), what training uses), xla (XLA's defaults) or both.",
-)
-_ROUNDS = flags.DEFINE_integer(
-  "rounds", 3, "Alternating timing rounds; figures are medians over rounds."
-)
-_SECONDS = flags.DEFINE_float(
-  "round_seconds", 2.0, "Train-step seconds per case per round (eval: half)."
-)
-_PEAK = flags.DEFINE_float(
-  "peak_tflops", None, "Peak TFLOP/s for MFU on a device the table does not know."
-)
 
 MESH_NONE = "none"
 
@@ -335,17 +306,38 @@ def markdown(report: dict) -> str:
   )
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def define_flags() -> None:
+  flags.DEFINE_enum("variant", "paper", list(models.VARIANTS), "Which net.")
+  flags.DEFINE_list("batch_size", ["32"], "Global batch sizes, e.g. 32,128,512.")
+  flags.DEFINE_integer("image_size", 227, "Input side.")
+  flags.DEFINE_list("dtype", ["float32"], "Computation dtypes: float32, bfloat16 or both.")
+  flags.DEFINE_list(
+    "meshes", ["none"], "'none' (no mesh) or DATAxMODEL (e.g. 1x2: one tower per device)."
+  )
+  flags.DEFINE_list("ops_impl", ["fast"], "AlexNet(ops_impl=...): fast, plain or both.")
+  flags.DEFINE_list(
+    "compiler_options",
+    ["backend"],
+    "backend (backend.compiler_options(), what training uses), xla (XLA's defaults) or both.",
+  )
+  flags.DEFINE_integer("rounds", 3, "Alternating timing rounds; figures are medians over rounds.")
+  flags.DEFINE_float("round_seconds", 2.0, "Train-step seconds per case per round (eval: half).")
+  flags.DEFINE_float(
+    "peak_tflops", None, "Peak TFLOP/s for MFU on a device the table does not know."
+  )
+
+
+def main() -> None:
+  cli.simulate_cpu_devices(2)  # before JAX starts its backend: meshes on a CPU host
+  f = flags.FLAGS
   try:
     cases = [
       Case(m, d, int(b), o, x)
-      for m in _MESHES.value
-      for d in _DTYPE.value
-      for b in _BATCH.value
-      for o in _OPS.value
-      for x in _OPTIONS.value
+      for m in f.meshes
+      for d in f.dtype
+      for b in f.batch_size
+      for o in f.ops_impl
+      for x in f.compiler_options
     ]
     for c in cases:
       if (
@@ -354,16 +346,16 @@ def main(argv):
         or c.batch_size < 1
         or c.compiler_options not in ("backend", "xla")
       ):
-        raise ValueError(
+        raise UserInputError(
           f"bad case {c}: dtype float32 or bfloat16, ops_impl one of {tuple(models.OPS_IMPLS)}, "
           "batch_size >= 1, compiler_options backend or xla"
         )
-    report = run(cases, _VARIANT.value, _SIZE.value, _ROUNDS.value, _SECONDS.value, _PEAK.value)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+    report = run(cases, f.variant, f.image_size, f.rounds, f.round_seconds, f.peak_tflops)
+  except ValueError as e:  # the library's word for a case this machine cannot run
+    raise UserInputError(str(e)) from None
   print(markdown(report))
   print(json.dumps(report))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

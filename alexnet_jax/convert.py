@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
-from alexnet_jax import builders, checkpoints, pretrained, sharding
+from alexnet_jax import builders, checkpoints, cli, pretrained, sharding
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.layouts import (
   FORMATS,
@@ -102,28 +102,7 @@ def export_weights(source: str, path: str, fmt: str | None = None, step: int | N
   return fmt
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import app, flags, logging
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax narrates every step at INFO
-  source, output, fmt, step = (flags.FLAGS[k].value for k in ("input", "output", "format", "step"))
-  try:
-    if os.path.isdir(source):
-      print(f"wrote {export_weights(source, output, fmt, step)} weights to {output}")
-    elif os.path.exists(source):
-      import_weights(source, output, fmt)
-      print(f"wrote a step-0 checkpoint of {source} to {output}")
-    else:
-      raise UserInputError(f"--input={source} does not exist")
-  except UserInputError as e:
-    sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-
+def define_flags() -> None:
   flags.DEFINE_string(
     "input",
     None,
@@ -146,4 +125,18 @@ if __name__ == "__main__":
     "the file). Export: torchvision or torch_grouped (default: from the checkpoint's variant).",
   )
   flags.DEFINE_integer("step", None, "Export: the checkpoint step (default: the latest).")
-  app.run(main)
+
+
+def main() -> None:
+  f = flags.FLAGS
+  if os.path.isdir(f.input):
+    print(f"wrote {export_weights(f.input, f.output, f.format, f.step)} weights to {f.output}")
+  elif os.path.exists(f.input):
+    import_weights(f.input, f.output, f.format)
+    print(f"wrote a step-0 checkpoint of {f.input} to {f.output}")
+  else:
+    raise UserInputError(f"--input={f.input} does not exist")
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)

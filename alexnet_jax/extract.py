@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -23,9 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
-from alexnet_jax import augment, datasets, featurefile, input_pipeline, sharding
+from alexnet_jax import augment, cli, datasets, featurefile, input_pipeline, sharding
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import VARIANTS, AlexNet
 from alexnet_jax.restore import Restored, restore
@@ -205,8 +204,7 @@ def extract_split(
   return Report(extract(restored, images, data[2], output, batch_size))
 
 
-def _define_flags() -> None:
-  """CLI flags, defined only when run as a script: the module is also a library other CLIs import."""
+def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's workdir (checkpoints/ and config.json).")
   flags.DEFINE_string(
     "images", None, "A folder of .jpg/.jpeg/.png images, nested folders included."
@@ -220,27 +218,20 @@ def _define_flags() -> None:
   flags.DEFINE_enum("variant", None, VARIANTS, "If given, the run must have trained this variant.")
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
   f = flags.FLAGS
-  try:
-    if not f.workdir or not f.output or (f.images is None) == (f.split is None):
-      raise UserInputError(
-        "pass --workdir, --output and one of --images=FOLDER or --split=train|val"
-      )
-    restored = restore(f.workdir, f.step, variant=f.variant)
-    logging.info(
-      "extracting with the checkpoint at step %d on a %s mesh",
-      restored.step,
-      dict(restored.mesh.shape),
-    )
-    if f.images is not None:
-      report = extract_folder(restored, f.workdir, f.images, f.output, f.batch_size)
-    else:
-      report = extract_split(restored, f.workdir, f.split, f.output, f.batch_size)
-  except UserInputError as e:
-    sys.exit(f"error: {e}")
+  if not f.workdir or not f.output or (f.images is None) == (f.split is None):
+    raise UserInputError("pass --workdir, --output and one of --images=FOLDER or --split=train|val")
+  restored = restore(f.workdir, f.step, variant=f.variant)
+  logging.info(
+    "extracting with the checkpoint at step %d on a %s mesh",
+    restored.step,
+    dict(restored.mesh.shape),
+  )
+  if f.images is not None:
+    report = extract_folder(restored, f.workdir, f.images, f.output, f.batch_size)
+  else:
+    report = extract_split(restored, f.workdir, f.split, f.output, f.batch_size)
   skipped = (
     f"; skipped {len(report.skipped)} unreadable: {', '.join(report.skipped)}"
     if report.skipped
@@ -250,5 +241,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

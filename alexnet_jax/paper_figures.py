@@ -1,6 +1,7 @@
 """The paper's figures for a trained run, with one command:
 
-  python -m alexnet_jax.paper_figures --workdir=DIR --output_dir=OUT [--step=N] [--queries=8] [--k=6]
+  python -m alexnet_jax.paper_figures --workdir=DIR --output_dir=OUT [--step=N] [--queries=8]
+    [--k=6]
 
 Restores the checkpoint, extracts fc7 of the run's val and train splits (OUT/val.npz,
 OUT/train.npz), finds each query's nearest training images, and writes
@@ -12,14 +13,12 @@ shows image files, so the run's data must be image files (synthetic or image_fol
 from __future__ import annotations
 
 import os
-import sys
-from typing import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from alexnet_jax import extract, featurefile, figures, metrics, retrieval
+from alexnet_jax import cli, extract, featurefile, figures, metrics, retrieval
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.restore import restore
 
@@ -66,8 +65,7 @@ def run(
   return out
 
 
-def _define_flags() -> None:
-  """CLI flags, defined only when run as a script (the other CLIs' modules define theirs alike)."""
+def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's workdir (checkpoints/ and config.json).")
   flags.DEFINE_string("output_dir", None, "Where the figures and features files go.")
   flags.DEFINE_integer("step", None, "The checkpoint's step (default: the latest).")
@@ -76,19 +74,13 @@ def _define_flags() -> None:
   flags.DEFINE_integer("batch_size", 128, "Images per extraction batch, over all devices.")
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
   f = flags.FLAGS
-  try:
-    if not f.workdir or not f.output_dir:
-      raise UserInputError("pass --workdir=DIR and --output_dir=OUT")
-    out = run(f.workdir, f.output_dir, f.step, f.queries, f.k, f.batch_size)
-  except UserInputError as e:
-    sys.exit(f"error: {e}")
+  if not f.workdir or not f.output_dir:
+    raise UserInputError("pass --workdir=DIR and --output_dir=OUT")
+  out = run(f.workdir, f.output_dir, f.step, f.queries, f.k, f.batch_size)
   print("\n".join(f"{name}: {path}" for name, path in out.items()))
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -25,15 +25,15 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import tarfile
 import time
 from typing import Iterable, Iterator
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image
 
+from alexnet_jax import cli
 from alexnet_jax.errors import UserInputError
 
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
@@ -138,7 +138,7 @@ def _tar_images(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
 
 
 def _archive_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
-  """(train jobs, val jobs, classes) for the official archives: each job (shard name, item thunk)."""
+  """(train jobs, val jobs, classes) for the official archives; a job: (shard name, item thunk)."""
   classes = imagenet_classes()
   index = {w: i for i, w in enumerate(classes)}
   train_tar = tarfile.open(os.path.join(manual_dir, TRAIN_TAR))
@@ -202,15 +202,15 @@ def _folder_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
 
   def items(paths, labels):
     out = []
-    for p, l in zip(paths, labels):
+    for p, label in zip(paths, labels):
       with open(p, "rb") as f:
-        out.append((os.path.relpath(p, manual_dir), f.read(), int(l)))
+        out.append((os.path.relpath(p, manual_dir), f.read(), int(label)))
     return out
 
   train = []
   for label, name in enumerate(classes):
-    paths = [p for p, l in zip(train_split.paths, train_split.labels) if l == label]
-    train.append((f"{label:04d}", (lambda p=paths, l=label: items(p, [l] * len(p)))))
+    paths = [p for p, y in zip(train_split.paths, train_split.labels) if y == label]
+    train.append((f"{label:04d}", (lambda p=paths, y=label: items(p, [y] * len(p)))))
   val = [
     (
       f"{k // VAL_SHARD:05d}",
@@ -266,7 +266,7 @@ def prepare(
   quality: int = 90,
   workers: int | None = None,
 ) -> dict:
-  """Writes data_dir/{train,val}/*.array_record, dataset_info.json and stats.npz; returns the info."""
+  """Writes data_dir/{train,val}/*.array_record, dataset_info.json, stats.npz; returns the info."""
   if not os.path.isdir(manual_dir):
     raise UserInputError(
       f"manual_dir {manual_dir!r} does not exist: download {TRAIN_TAR} and {VAL_TAR} "
@@ -356,26 +356,24 @@ def prepare(
   return info
 
 
-_MANUAL = flags.DEFINE_string(
-  "manual_dir", None, "The two ImageNet archives, or train/ and val/ class folders."
-)
-_DATA = flags.DEFINE_string("data_dir", None, "Where the shards go (then --config.data_dir=THIS).")
-_STATS = flags.DEFINE_integer(
-  "stats_images", 10_000, "Training images sampled for the mean image and colour PCA."
-)
-_QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality of the re-encoded 256x256 images.")
-_WORKERS = flags.DEFINE_integer("workers", None, "Encoding processes (default: one per CPU).")
+def define_flags() -> None:
+  flags.DEFINE_string(
+    "manual_dir", None, "The two ImageNet archives, or train/ and val/ class folders."
+  )
+  flags.DEFINE_string("data_dir", None, "Where the shards go (then --config.data_dir=THIS).")
+  flags.DEFINE_integer(
+    "stats_images", 10_000, "Training images sampled for the mean image and colour PCA."
+  )
+  flags.DEFINE_integer("quality", 90, "JPEG quality of the re-encoded 256x256 images.")
+  flags.DEFINE_integer("workers", None, "Encoding processes (default: one per CPU).")
 
 
-def main(argv):
-  del argv
-  if not _MANUAL.value or not _DATA.value:
-    sys.exit("error: pass --manual_dir=DIR (the archives or class folders) and --data_dir=OUT")
-  try:
-    prepare(_MANUAL.value, _DATA.value, _STATS.value, _QUALITY.value, _WORKERS.value)
-  except UserInputError as e:
-    sys.exit(f"error: {e}")
+def main() -> None:
+  f = flags.FLAGS
+  if not f.manual_dir or not f.data_dir:
+    raise UserInputError("pass --manual_dir=DIR (the archives or class folders) and --data_dir=OUT")
+  prepare(f.manual_dir, f.data_dir, f.stats_images, f.quality, f.workers)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

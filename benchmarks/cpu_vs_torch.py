@@ -12,23 +12,23 @@ load of other processes falls on all alike; ratios are medians over rounds of pe
 ratios, and also of each side's fastest round (the nearest to an idle machine). CPU seconds
 per step are the work each side spent (a busy wait counts too). The PyTorch side runs where
 torch is installed (`pip install torch==2.13.0` on the development machine): it is a baseline
-here, not a dependency; without it our side is timed alone and the output says so. The last line is JSON.
+here, not a dependency; without it our side is timed alone and the output says so. The last
+line is JSON.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from typing import Callable
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alexnet_jax import bench  # first: sets the simulated CPU devices before JAX starts
+import jax
+from absl import flags
+
+from alexnet_jax import bench, cli
 
 try:
   import torch
@@ -77,17 +77,18 @@ def counting_cpu(run: Callable[[int], None], per_call: list) -> Callable[[int], 
   return counted
 
 
+def define_flags() -> None:
+  flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+  flags.DEFINE_integer("rounds", 7, "Alternating timing rounds.")
+  flags.DEFINE_float("round_seconds", 3.0, "Seconds per side per round.")
+  flags.DEFINE_list("meshes", ["none"], "Our meshes, comma-separated: none, 1x2, ...")
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--rounds", type=int, default=7)
-  parser.add_argument("--round_seconds", type=float, default=3.0)
-  parser.add_argument(
-    "--meshes", default="none", help="our meshes, comma-separated: none, 1x2, ..."
-  )
-  args = parser.parse_args()
+  cli.simulate_cpu_devices(2)  # before JAX starts its backend: the 1x2 mesh on a CPU host
+  args = flags.FLAGS
   runners = {}
-  for mesh in args.meshes.split(","):
+  for mesh in args.meshes:
     runners[f"jax {mesh}"] = bench.build(
       bench.Case(mesh, "float32", args.batch_size), "paper", SIDE
     ).train
@@ -116,18 +117,18 @@ def main() -> None:
     else "torch not installed: no baseline, ratios left out (pip install torch to time it)"
   )
   print(
-    f"batch {args.batch_size}, fp32, {SIDE}x{SIDE}, {args.rounds} alternating rounds; {torch_info}, "
-    f"jax {jax.__version__}, {os.cpu_count()} CPUs"
+    f"batch {args.batch_size}, fp32, {SIDE}x{SIDE}, {args.rounds} alternating rounds; "
+    f"{torch_info}, jax {jax.__version__}, {os.cpu_count()} CPUs"
     + (f"; ratios against {torch_best}" if torch_best else "")
   )
   print(
-    "| side | train img/s (median) | best round | x torch eager (median of rounds) | x torch eager (best rounds) "
-    "| CPU s per step |\n|---|---|---|---|---|---|"
+    "| side | train img/s (median) | best round | x torch eager (median of rounds) "
+    "| x torch eager (best rounds) | CPU s per step |\n|---|---|---|---|---|---|"
   )
   for k, r in rows.items():
     print(
-      f"| {k} | {r['images_per_sec']} | {r['images_per_sec_best']} | {r['speedup_vs_torch_eager']} | "
-      f"{r['speedup_best_rounds']} | {r['cpu_seconds_per_step']} |"
+      f"| {k} | {r['images_per_sec']} | {r['images_per_sec_best']} | "
+      f"{r['speedup_vs_torch_eager']} | {r['speedup_best_rounds']} | {r['cpu_seconds_per_step']} |"
     )
   print(
     json.dumps(
@@ -147,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

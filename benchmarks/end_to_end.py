@@ -1,4 +1,4 @@
-"""Training images/s fed by the real input pipeline, next to the same step on a device-resident batch.
+"""Training images/s fed by the real input pipeline, next to the same step on resident batches.
 
   python benchmarks/end_to_end.py [--batch_size=32] [--images=640] [--rounds=3] [--dtype=float32]
 
@@ -11,36 +11,35 @@ threads and XLA share the cores, which is what the end-to-end figure is about.
 The last line is JSON.
 """
 
-import os
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # input_pipeline.py beside it
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package
+
 import jax
+from absl import flags
 from input_pipeline import make_folder
 
-from alexnet_jax import (
-  bench,  # first: sets the simulated CPU devices before JAX starts
-  prepare,
-)
+from alexnet_jax import bench, cli, prepare
 from alexnet_jax import input_pipeline as ip
 
 
+def define_flags() -> None:
+  flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+  flags.DEFINE_integer("images", 640, "Training images to prepare.")
+  flags.DEFINE_integer("rounds", 3, "Alternating timing rounds.")
+  flags.DEFINE_float("round_seconds", 5.0, "Seconds per side per round.")
+  flags.DEFINE_string("dtype", "float32", "Computation dtype: float32 or bfloat16.")
+  flags.DEFINE_string("mesh", "none", "'none' (no mesh) or DATAxMODEL, e.g. 1x2.")
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--images", type=int, default=640, help="training images to prepare")
-  parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--round_seconds", type=float, default=5.0)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--mesh", default="none")
-  args = parser.parse_args()
+  cli.simulate_cpu_devices(2)  # before JAX starts its backend: --mesh=1x2 on a CPU host
+  args = flags.FLAGS
   case = bench.Case(args.mesh, args.dtype, args.batch_size)
   with tempfile.TemporaryDirectory() as tmp:
     make_folder(os.path.join(tmp, "raw"), args.images)
@@ -61,8 +60,9 @@ def main() -> None:
   rows = {k: round(args.batch_size / statistics.median(t), 2) for k, t in times.items()}
   ratio = round(bench.median_ratio(times["synthetic"], times["input pipeline"]), 3)
   print(
-    f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, paper net, batch {args.batch_size}, {args.dtype}: "
-    f"synthetic {rows['synthetic']} images/s, input pipeline {rows['input pipeline']} images/s ({ratio}x)"
+    f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, paper net, batch {args.batch_size}, "
+    f"{args.dtype}: synthetic {rows['synthetic']} images/s, "
+    f"input pipeline {rows['input pipeline']} images/s ({ratio}x)"
   )
   print(
     json.dumps(
@@ -82,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

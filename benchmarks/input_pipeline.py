@@ -10,7 +10,6 @@ image at the crop's position, colour, reflection) runs fused in the train step o
 device (`alexnet_jax.augment`), so it is not a host cost.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -20,10 +19,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from alexnet_jax import cli, prepare
 from alexnet_jax import input_pipeline as ip
-from alexnet_jax import prepare
 
 
 def make_folder(root: str, images: int) -> None:
@@ -49,12 +49,14 @@ def rate(iterator, seconds: float, batch: int) -> float:
   return count / (time.perf_counter() - start)
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--images", type=int, default=600)
-  parser.add_argument("--seconds", type=float, default=10.0)
-  parser.add_argument("--rounds", type=int, default=3)
-  args = parser.parse_args()
+def define_flags() -> None:
+  flags.DEFINE_integer("images", 600, "Training images to prepare.")
+  flags.DEFINE_float("seconds", 10.0, "Seconds per side per round.")
+  flags.DEFINE_integer("rounds", 3, "Alternating timing rounds.")
+
+
+def main() -> None:
+  args = flags.FLAGS
   tf = ip.tf
   with tempfile.TemporaryDirectory() as tmp:
     make_folder(os.path.join(tmp, "raw"), args.images)
@@ -62,7 +64,7 @@ def main():
     train, _ = ip.read_prepared(os.path.join(tmp, "out"))
     stats = ip.load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
     batch = 64
-    whole, _ = ip._readers(train, 256)
+    whole, _ = ip.readers(train, 256)
     bare = (
       tf.data.Dataset.range(len(train))
       .repeat()
@@ -99,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

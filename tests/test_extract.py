@@ -9,26 +9,17 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, TRAIN_PER_CLASS
 
-from alexnet_jax import checkpoints, extract, featurefile, paper_figures, sharding, synthetic, train
+from alexnet_jax import checkpoints, extract, featurefile, paper_figures, sharding, synthetic
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.restore import restore
-from configs import quickstart
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A workdir trained for 2 steps on 8 devices (a data-parallel 8x1 mesh) on 40 + 20 embedded images."""
-  root = tmp_path_factory.mktemp("extract")
-  config = quickstart.get_config()
-  config.data_dir = str(root / "data")
-  config.synthetic_train_per_class, config.synthetic_val_per_class = 4, 2
-  config.batch_size, config.num_train_steps = 16, 2
-  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
-  train.train_and_evaluate(config, str(root / "run"))
-  return str(root / "run")
+def run(trained_run):
+  """The shared 2-step workdir, trained on 8 devices (a data-parallel 8x1 mesh)."""
+  return trained_run
 
 
 def mesh(data, model):
@@ -70,21 +61,6 @@ def test_same_features_on_any_mesh_and_batch_size(
   np.testing.assert_allclose(f["fc7"], val_features["fc7"], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(f["top5_index"], val_features["top5_index"])
   np.testing.assert_array_equal(f["path"], val_features["path"])
-
-
-def test_a_one_device_checkpoint_restores_on_eight(run, tmp_path):
-  """Parameters saved from one device come back on a 4x2 mesh, equal."""
-  one = restore(run, mesh=mesh(1, 1))
-  workdir = tmp_path / "one"
-  mgr = checkpoints.manager(str(workdir), keep=1)
-  checkpoints.save(mgr, 5, {"params": one.params})
-  mgr.wait_until_finished()
-  mgr.close()
-  shutil.copy(os.path.join(run, checkpoints.CONFIG_FILE), workdir)
-  eight = restore(str(workdir), mesh=mesh(4, 2))
-  assert eight.step == 5
-  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cli_on_a_folder_skips_and_names_an_unreadable_image(run, val_features, tmp_path):
@@ -133,7 +109,7 @@ def test_paper_figures_in_one_call(run, tmp_path):
   assert sorted(os.listdir(tmp_path / "figs")) == sorted(paper_figures.FILES.values())
   with open(out["kernels"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert len(featurefile.read(out["train"])["path"]) == 40
+  assert len(featurefile.read(out["train"])["path"]) == 10 * TRAIN_PER_CLASS
 
 
 def test_bad_inputs_are_one_line_errors(run, tmp_path):

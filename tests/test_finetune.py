@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from test_convert import paper_params, random_torchvision
 
-from alexnet_jax import builders, checkpoints, convert, layouts, optim, pretrained, sharding, train
-from alexnet_jax.models import LAYERS
+from alexnet_jax import builders, checkpoints, layouts, optim, pretrained, sharding, train
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
+from alexnet_jax.models import LAYERS
 from configs import quickstart
 
 TRUNK = LAYERS[:-1]  # conv1 ... fc7

@@ -1,4 +1,4 @@
-"""Nearest neighbours: exactly a brute-force numpy search, from memory or a memmap; the features file."""
+"""Nearest neighbours: exactly a float64 brute force, from memory or a memmap; the features file."""
 
 import numpy as np
 import pytest
@@ -6,9 +6,16 @@ import pytest
 from alexnet_jax import featurefile, retrieval
 from alexnet_jax.errors import UserInputError
 
+# Distances are compared with rtol=2**-23: a returned distance is the float32 rounding of the
+# float64 sqrt of the sum of squared differences of the rows (relative error <= 2**-24, plus
+# < 1e-12 from the float64 sum), so within 2**-24 + 1e-12 < 2**-23 of the float64 brute force.
+RTOL = 2.0**-23
+
 
 def brute_force(queries, database, k):
-  dist = ((queries.astype(np.float64)[:, None] - database.astype(np.float64)[None]) ** 2).sum(-1)
+  """Float64 distances of every pair; the k nearest by (distance, index)."""
+  database = database.astype(np.float64)
+  dist = np.stack([((q.astype(np.float64) - database) ** 2).sum(-1) for q in queries])
   index = np.argsort(dist, axis=1, kind="stable")[:, :k]  # ties: the lower index first
   return index, np.sqrt(np.take_along_axis(dist, index, 1))
 
@@ -32,8 +39,44 @@ def test_equals_brute_force_across_chunks(data):
       queries, database, 6, query_chunk=query_chunk, database_chunk=database_chunk
     )
     np.testing.assert_array_equal(index, expected_index)
-    np.testing.assert_allclose(dist, expected_dist, atol=1e-4)
-  assert index[0, :3].tolist() == [3, 500, 999] and dist[0, 0] == pytest.approx(0, abs=1e-3)
+    np.testing.assert_allclose(dist, expected_dist, rtol=RTOL, atol=0)
+  assert index[0, :3].tolist() == [3, 500, 999] and dist[0, :3].tolist() == [0, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def fc7_like():
+  """ReLU features, 4096-d, |x|^2 ~ 4600: the expansion |q|^2 - 2 q.d + |d|^2 subtracts terms of
+  ~1e4 to get distances of 0 and ~0.06, so its float32 cancellation error (~1e-2 whatever the
+  matmul's summation order, its result being a multiple of ulp(4600) = 2**-11 at best) is bigger
+  than the distances themselves and than the gaps between near ties."""
+  rng = np.random.default_rng(1)
+  database = np.maximum(rng.normal(0, 1.5, (2000, 4096)), 0).astype(np.float32)
+  queries = np.maximum(rng.normal(0, 1.5, (5, 4096)), 0).astype(np.float32)
+  database[[7, 700, 1999]] = queries[0]  # exact duplicates, across database chunks
+  # 100 near ties of queries[1] (more than the search keeps before its exact pass): one zero
+  # coordinate set to 0.25 + j * 2**-20, distances 0.25..0.2501 about 1e-6 apart, the nearer
+  # ones at the higher indices; rows 1234 and 1235 an exact tie.
+  zeros = np.flatnonzero(queries[1] == 0)[:100]
+  near = np.arange(1800, 1700, -1)
+  database[near] = queries[1]
+  database[near, zeros] = 0.25 + np.arange(100, dtype=np.float32) * 2.0**-20
+  database[1234] = database[1235] = database[near[3]]
+  return queries, database
+
+
+def test_fc7_like_duplicates_and_near_ties_exactly(fc7_like):
+  """Duplicates at exactly 0, near ties in float64 order, distances as a float64 brute force's."""
+  queries, database = fc7_like
+  expected_index, expected_dist = brute_force(queries, database, 6)
+  assert expected_index[0, :3].tolist() == [7, 700, 1999]
+  assert expected_index[1].tolist() == [1800, 1799, 1798, 1234, 1235, 1797]
+  for query_chunk, database_chunk in ((2, 512), (5, 2000), (3, 777)):
+    index, dist = retrieval.nearest(
+      queries, database, 6, query_chunk=query_chunk, database_chunk=database_chunk
+    )
+    assert dist[0, :3].tolist() == [0, 0, 0]
+    np.testing.assert_array_equal(index, expected_index)
+    np.testing.assert_allclose(dist, expected_dist, rtol=RTOL, atol=0)
 
 
 def test_database_can_be_a_memmap(data, tmp_path):

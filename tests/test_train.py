@@ -6,30 +6,15 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import small_config
 
 from alexnet_jax import builders, checkpoints, metrics, sharding, train
-from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
-from configs import default, quickstart
+from configs import default
 
 
-def small_config(data_dir, **overrides):
-  config = quickstart.get_config()
-  config.data_dir = data_dir
-  config.synthetic_train_per_class = 4
-  config.synthetic_val_per_class = 2
-  config.batch_size = 16
-  config.num_train_steps = 2
-  config.log_every_steps = 1
-  config.eval_every_steps = 2
-  config.checkpoint_every_steps = 2
-  for key, value in overrides.items():
-    config[key] = value
-  return config
-
-
-def final_params(workdir, config):
-  """The latest checkpoint's parameters, restored onto one device."""
+def final_state(workdir, config):
+  """The latest checkpoint's whole state, restored onto one device."""
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
   model = builders.create_model(config)
   tx = builders.create_optimizer(config, 1, 1)
@@ -41,28 +26,23 @@ def final_params(workdir, config):
   return restored
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("shapes"))
+def train_lines(workdir):
+  return [r for r in metrics.read_metrics(workdir) if "train/loss" in r]
 
 
-def test_one_training_step_and_evaluation(tmp_path, data_dir):
-  workdir = str(tmp_path / "run")
-  config = small_config(data_dir)
-  result = train.train_and_evaluate(config, workdir)
-  assert set(result) == {"val/loss", "val/top1_error", "val/top5_error"}
-  assert 0.0 <= result["val/top1_error"] <= 1.0 and result["val/loss"] > 0
-  records = metrics.read_metrics(workdir)
-  train_lines = [r for r in records if "train/loss" in r]
-  assert [r["step"] for r in train_lines] == [1, 2]
-  assert {"train/loss", "train/top1_error", "learning_rate", "images_per_sec"} <= set(
-    train_lines[0]
-  )
-  assert [r["step"] for r in records if "val/top1_error" in r] == [2]
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
-  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["variant"] == "paper"
+def test_one_training_step_and_evaluation(trained_run, data_dir):
+  """The shared 2-step run: metrics, tensorboard, config and a checkpoint of trained weights."""
+  records = metrics.read_metrics(trained_run)
+  assert [r["step"] for r in train_lines(trained_run)] == [1, 2]
+  assert {"train/loss", "train/top1_error", "learning_rate", "images_per_sec"} <= set(records[0])
+  evals = [r for r in records if "val/top1_error" in r]
+  assert [r["step"] for r in evals] == [2]
+  assert 0.0 <= evals[0]["val/top1_error"] <= 1.0 and evals[0]["val/loss"] > 0
+  assert os.listdir(os.path.join(trained_run, "tensorboard"))
+  assert json.load(open(os.path.join(trained_run, "config.json")))["model"]["variant"] == "paper"
   # The checkpoint holds trained parameters: they moved away from the seeded initialisation.
-  state = final_params(workdir, config)
+  config = small_config(data_dir)
+  state = final_state(trained_run, config)
   assert int(state.step) == 2
   init, _ = builders.initial_state(
     builders.create_model(config),
@@ -74,83 +54,45 @@ def test_one_training_step_and_evaluation(tmp_path, data_dir):
   assert not np.allclose(state.params["fc8"]["kernel"], init.params["fc8"]["kernel"])
 
 
-def test_resume_continues_from_the_saved_step(tmp_path, data_dir):
-  resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
-  # A schedule that does not depend on the run's length, so that 2 + 2 steps equal 4.
-  train.train_and_evaluate(small_config(data_dir, lr_schedule="constant"), resumed)
-  config = small_config(data_dir, num_train_steps=4, lr_schedule="constant")
+def test_resume_continues_from_the_saved_step(copy_run, tmp_path, data_dir):
+  """2 steps (the shared run), resumed to 4, equal a straight 4-step run bit for bit. The
+  schedule is constant: it does not depend on the run's length, so 2 + 2 steps equal 4."""
+  resumed, straight = copy_run(), str(tmp_path / "straight")
+  config = small_config(data_dir, num_train_steps=4)
   train.train_and_evaluate(config, resumed)
   train.train_and_evaluate(config, straight)
-  assert [r["step"] for r in metrics.read_metrics(resumed) if "train/loss" in r] == [1, 2, 3, 4]
-  a, b = final_params(resumed, config), final_params(straight, config)
+  assert [r["step"] for r in train_lines(resumed)] == [1, 2, 3, 4]
+  a, b = final_state(resumed, config), final_state(straight, config)
   assert int(a.step) == int(b.step) == 4
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(x, y)  # same batches, same dropout: bit-identical
 
 
-def test_training_on_a_tower_mesh_matches_one_device(tmp_path, data_dir):
-  """8 simulated devices as a 4x2 mesh give the first step's loss of a 1x1 run."""
-  config = small_config(data_dir, num_train_steps=1, eval_every_steps=1, checkpoint_every_steps=1)
-  train.train_and_evaluate(config, str(tmp_path / "mesh"))
-  sharded = metrics.read_metrics(str(tmp_path / "mesh"))[0]
-  assert sharded["step"] == 1
-  config.model_parallelism = 2
-  train.train_and_evaluate(config, str(tmp_path / "mesh42"))
-  towers = metrics.read_metrics(str(tmp_path / "mesh42"))[0]
-  assert towers["train/loss"] == pytest.approx(sharded["train/loss"], rel=1e-5)
-
-
-def test_a_changed_model_cannot_resume_a_workdir(tmp_path, data_dir):
-  workdir = str(tmp_path / "run")
+def test_training_on_a_tower_mesh_matches_one_device(trained_run, tmp_path, data_dir):
+  """8 simulated devices as a 4x2 mesh (one tower per device) give the first step's loss of
+  the 8x1 run. The two meshes sum in different orders: float32 rounding, not a kernel's."""
   train.train_and_evaluate(
-    small_config(data_dir, num_train_steps=1, eval_every_steps=1, checkpoint_every_steps=1), workdir
+    small_config(data_dir, num_train_steps=1, model_parallelism=2), str(tmp_path / "mesh42")
   )
+  towers = train_lines(str(tmp_path / "mesh42"))[0]
+  assert towers["train/loss"] == pytest.approx(train_lines(trained_run)[0]["train/loss"], rel=1e-5)
+
+
+def test_a_changed_model_cannot_resume_a_workdir(copy_run, data_dir):
+  workdir = copy_run()
   config = small_config(data_dir)
   config.model.dropout_rate = 0.3
   with pytest.raises(UserInputError, match="use a fresh --workdir"):
     train.train_and_evaluate(config, workdir)
 
 
-@pytest.mark.parametrize(
-  "change, message",
-  [
-    ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
-    ({"batch_size": 12}, "batch_size=12 does not divide over the 8 data-parallel devices"),
-    ({"model_parallelism": 3}, "model_parallelism=3"),
-    ({"lr_schedule": "step"}, "unknown lr_schedule 'step'"),
-    ({"image_size": 40, "resize_size": 48}, "image_size=40"),
-    ({"resize_size": 60}, "resize_size=60 is smaller than the crop"),
-    ({"dtype": "float16"}, "unknown dtype 'float16'"),
-    ({"ops_impl": "cudnn"}, "unknown ops_impl 'cudnn'; choose one of"),
-    ({"dataset": "image_folder", "data_dir": ""}, "needs --config.data_dir"),
-  ],
-)
-def test_bad_config_values_are_named(change, message):
-  config = quickstart.get_config()
-  for key, value in change.items():
-    config[key] = value
-  with pytest.raises(UserInputError, match=message):
-    check_config(config)
-
-
-def test_ops_impl_reaches_the_model_and_old_workdirs_get_the_default():
-  config = quickstart.get_config()
-  assert builders.create_model(config).ops_impl == "fast"
-  config.ops_impl = "plain"
-  assert builders.create_model(config).ops_impl == "plain"
-  del config["ops_impl"]  # a config.json written before the option existed
-  assert builders.create_model(config).ops_impl == "fast"
-
-
-def test_bad_model_values_are_named():
-  config = quickstart.get_config()
-  config.model.variant = "vgg"
-  with pytest.raises(UserInputError, match="unknown variant 'vgg'"):
-    check_config(config)
-  config = quickstart.get_config()
-  config.model.variant, config.model.towers, config.model_parallelism = "torchvision", 1, 2
-  with pytest.raises(UserInputError, match="set --config.model_parallelism=1"):
-    check_config(config)
+def test_a_resume_with_another_batch_size_is_refused(copy_run, data_dir):
+  workdir = copy_run()
+  with pytest.raises(UserInputError, match="batch_size=16, not 32"):
+    train.train_and_evaluate(small_config(data_dir, num_train_steps=4, batch_size=32), workdir)
+  mgr = checkpoints.manager(workdir, 3)
+  assert mgr.all_steps() == [2]  # nothing saved was touched
+  mgr.close()
 
 
 def test_data_problems_are_named_before_compiling(tmp_path):
