@@ -3,8 +3,8 @@
 - `compiler_options()`: options for every `jax.jit` of a step. XLA:CPU hands convolutions to
   YNNPACK by default (jaxlib 0.10); for every AlexNet layer its Eigen convolutions are faster
   (the strided 11x11 conv1 and the weight gradients most: 1.6x on the whole train step), so
-  on the CPU the convolutions stay out of YNNPACK while dots and reductions keep it. An XLA that does not
-  know the option gets none (its defaults), never an error.
+  on the CPU the convolutions stay out of YNNPACK while dots and reductions keep it. An XLA that
+  does not know the option gets none (its defaults), never an error.
 - `check_dtype(dtype)`: a clear error before anything big is compiled when the device cannot
   compute in that dtype.
 - `peak_flops(device_kind, dtype)`: dense peak FLOP/s of known accelerators, for MFU.
@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 
 _CPU_OPTIONS = {
-  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  "xla_cpu_experimental_ynn_fusion_type": (
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  )
 }
 
 # Dense peak FLOP/s per chip by a substring of `device.device_kind`, first match wins.

@@ -66,7 +66,8 @@ def train_flops_per_image(model: AlexNet, image_size: int) -> float:
 
 
 def parse_mesh(name: str) -> Mesh | None:
-  """'none' or DATAxMODEL over the first DATA*MODEL devices, or a ValueError saying what is wrong."""
+  """'none' or DATAxMODEL over the first DATA*MODEL devices, or a ValueError saying what is
+  wrong."""
   if name == MESH_NONE:
     return None
   try:
@@ -285,11 +286,13 @@ def run(
 def markdown(report: dict) -> str:
   """The report's cases as a markdown table."""
   head = (
-    "| mesh | dtype | batch | ops | compiler options | train img/s | x first row | eval img/s | train MFU | "
+    "| mesh | dtype | batch | ops | compiler options | train img/s | x first row | eval img/s | "
+    "train MFU | "
     "compile s | GB per device |\n|---|---|---|---|---|---|---|---|---|---|---|"
   )
   lines = [
-    f"| {r['mesh']} | {r['dtype']} | {r['batch_size']} | {r['ops_impl']} | {r['compiler_options']} | "
+    f"| {r['mesh']} | {r['dtype']} | {r['batch_size']} | {r['ops_impl']} | "
+    f"{r['compiler_options']} | "
     f"{r['images_per_sec']} | "
     f"{r['train_ratio_to_first']} | {r['eval_images_per_sec']} | "
     f"{'-' if 'mfu' not in r else format(r['mfu'], '.1%')} | {r['compile_s']} | {r['memory_gb']} |"

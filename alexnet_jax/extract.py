@@ -1,7 +1,9 @@
-"""fc7 features and top-5 predictions of a trained net, for a folder of images or a split of its data.
+"""fc7 features and top-5 predictions of a trained net, for a folder of images or a split of
+its data.
 
   python -m alexnet_jax.extract --workdir=DIR --images=FOLDER --output=FILE.npz
-  python -m alexnet_jax.extract --workdir=DIR --split=train --output=FILE.npz [--step=N] [--batch_size=128]
+  python -m alexnet_jax.extract --workdir=DIR --split=train --output=FILE.npz
+    [--step=N] [--batch_size=128]
 
 Images are preprocessed as for evaluation (shorter side to resize_size, central square,
 centre crop of image_size, mean subtracted) and run through the restored net in batches
@@ -54,7 +56,8 @@ def find_images(folder: str) -> list[str]:
 
 
 def readable(paths: Sequence[str], num_parallel_calls: int = -1) -> np.ndarray:
-  """True where the file decodes as an image; checked first so that one bad file cannot stop a run."""
+  """True where the file decodes as an image; checked first so that one bad file cannot stop a
+  run."""
 
   def decodes(index, path):  # the shape is returned so that the decode is not pruned away
     return index, tf.shape(
@@ -76,7 +79,8 @@ def readable(paths: Sequence[str], num_parallel_calls: int = -1) -> np.ndarray:
 def run_data(
   config: ml_collections.ConfigDict, workdir: str
 ) -> tuple[Any, Any, input_pipeline.Stats] | None:
-  """The run's (train, val, stats) as training read them, or None where its data is not on this machine."""
+  """The run's (train, val, stats) as training read them, or None where its data is not on this
+  machine."""
   try:
     return datasets.load_splits(config, os.path.abspath(workdir))
   except UserInputError as e:
@@ -111,7 +115,8 @@ def extract(
   output: str,
   batch_size: int = 128,
 ) -> int:
-  """Writes the features file `output` (see featurefile) for every image of `images`; returns the count.
+  """Writes the features file `output` (see featurefile) for every image of `images`; returns the
+  count.
 
   Images go through evaluation's own pipeline (`input_pipeline.eval_batches`, centre crop).
   batch_size is global and must divide over the mesh's data axis; the last batch is padded.

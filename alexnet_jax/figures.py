@@ -41,7 +41,8 @@ def kernel_grid(
 
 
 def save_kernels(kernel: np.ndarray, path: str, **grid_args) -> np.ndarray:
-  """Figure 3: writes kernel_grid(kernel) as a PNG of exactly the grid's pixels; returns the grid."""
+  """Figure 3: writes kernel_grid(kernel) as a PNG of exactly the grid's pixels; returns the
+  grid."""
   grid = kernel_grid(kernel, **grid_args)
   matplotlib.image.imsave(path, grid)
   return grid
@@ -162,7 +163,8 @@ def _names(features: dict, indices: Sequence[int]) -> list[str]:
 def predictions_of(
   features: dict, rows: Sequence[int], path: str | None = None, side: int = 128
 ) -> Figure:
-  """Figure 4 (left) for rows of a features file (featurefile.read): its images, top-5 and labels."""
+  """Figure 4 (left) for rows of a features file (featurefile.read): its images, top-5 and
+  labels."""
   labels = features["label"][rows]
   true = _names(features, labels) if np.all(labels >= 0) else None
   return predictions(
@@ -182,7 +184,8 @@ def neighbours_of(
   path: str | None = None,
   side: int = 96,
 ) -> Figure:
-  """Figure 4 (right) for rows of a query features file and their neighbours' rows `index` in a database file."""
+  """Figure 4 (right) for rows of a query features file and their neighbours' rows `index` in a
+  database file."""
   return neighbours(
     [load_image(queries["path"][r], side) for r in rows],
     [[load_image(database["path"][j], side) for j in row] for row in index],

@@ -149,7 +149,8 @@ def read_prepared(data_dir: str) -> tuple[Shards, Shards]:
   path = os.path.join(data_dir or "", SHARD_INFO)
   if not os.path.exists(path):
     raise UserInputError(
-      f"no prepared dataset at data_dir={data_dir!r} ({SHARD_INFO} missing): download ILSVRC2012_img_train.tar "
+      f"no prepared dataset at data_dir={data_dir!r} ({SHARD_INFO} missing): "
+      "download ILSVRC2012_img_train.tar "
       "and ILSVRC2012_img_val.tar from image-net.org into DIR, run `python -m alexnet_jax.prepare "
       "--manual_dir=DIR --data_dir=OUT`, then pass --config.data_dir=OUT"
     )
@@ -254,7 +255,8 @@ def readers(split: Split | Shards, resize_size: int):
 
 
 def pca_colour(alpha: tf.Tensor, stats: Stats) -> tf.Tensor:
-  """The paper's colour noise [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T for (..., 3) alphas, in 0-255 units."""
+  """The paper's colour noise [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T for (..., 3) alphas, in 0-255
+  units."""
   return 255.0 * tf.linalg.matvec(tf.constant(stats.eigvec), alpha * tf.constant(stats.eigval))
 
 

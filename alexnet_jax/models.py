@@ -145,7 +145,8 @@ def param_shapes(arch: Arch, num_classes: int, pool5_side: int) -> dict[str, tup
 
 
 def merge_towers(a: jax.Array) -> jax.Array:
-  """(towers, batch, ..., C) -> (batch, ..., towers * C): tower 0's channels first, as Caffe groups."""
+  """(towers, batch, ..., C) -> (batch, ..., towers * C): tower 0's channels first, as Caffe
+  groups."""
   a = jnp.moveaxis(a, 0, -2)
   return a.reshape(a.shape[:-2] + (-1,))
 

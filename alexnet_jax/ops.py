@@ -83,14 +83,16 @@ lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
 def max_pool_reduce_window(x: jax.Array, window: int, stride: int) -> jax.Array:
-  """XLA's own max pooling, the reference `max_pool` is tested against (`AlexNet(ops_impl="plain")`)."""
+  """XLA's own max pooling, the reference `max_pool` is tested against
+  (`AlexNet(ops_impl="plain")`)."""
   return jax.lax.reduce_window(
     x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
   )
 
 
 def _pool_views(x: jax.Array, window: int, stride: int) -> list[tuple[tuple[int, int], jax.Array]]:
-  """Each window position's strided view of x (VALID pooling), in reduce_window's row-major order."""
+  """Each window position's strided view of x (VALID pooling), in reduce_window's row-major
+  order."""
   n, h, w, c = x.shape
   oh, ow = (h - window) // stride + 1, (w - window) // stride + 1
   return [
@@ -167,7 +169,8 @@ def _adaptive_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
-  """torchvision's AdaptiveAvgPool2d((size, size)) on NHWC maps; identity when already size x size."""
+  """torchvision's AdaptiveAvgPool2d((size, size)) on NHWC maps; identity when already size x
+  size."""
   h, w = x.shape[1:3]
   if (h, w) == (size, size):
     return x

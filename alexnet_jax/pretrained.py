@@ -49,7 +49,9 @@ def load(source: str) -> tuple[layouts.Params, dict, str]:
 def place(params: layouts.Params, target: Any, source: str) -> Any:
   """`params` laid out as `target` (this run's sharded parameters), or a clear error."""
   wrong = {
-    name: f"{name} {np.shape(params.get(name, {}).get('kernel'))} (this run: {want['kernel'].shape})"
+    name: (
+      f"{name} {np.shape(params.get(name, {}).get('kernel'))} (this run: {want['kernel'].shape})"
+    )
     for name, want in target.items()
     if any(np.shape(params.get(name, {}).get(p)) != want[p].shape for p in want)
   }

@@ -6,7 +6,9 @@ Needs torch (optional: only this module and the .pth files use it).
   conv4 and conv5; keys conv1.weight ... fc8.bias, as `convert.to_torch_grouped` writes:
 
       net = GroupedAlexNet(num_classes=1000)
-      net.load_state_dict({k: torch.from_numpy(v) for k, v in convert.to_torch_grouped(params).items()})
+      net.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in convert.to_torch_grouped(params).items()}
+      )
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The paper's ImageNet recipe (§5): batch 128, momentum 0.9, weight decay 5e-4, lr 0.01 / 10 three times."""
+"""The paper's ImageNet recipe (§5): batch 128, momentum 0.9, weight decay 5e-4, lr 0.01 / 10 three
+times."""
 
 import ml_collections
 
@@ -41,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bias_one = 1.0
   config.model_parallelism = 1  # mesh 'model' axis: 1, or 2 for one tower per device
   config.dtype = "float32"  # computation dtype: "float32" | "bfloat16"
-  # "fast": hand-written pooling and LRN gradients | "plain": XLA's own (the reference); equal up to rounding.
+  # "fast": hand-written pooling and LRN gradients | "plain": XLA's own (the reference); equal up to
+  # rounding.
   config.ops_impl = "fast"
   # Optimisation: v <- 0.9 v - wd*lr*w - lr*g ; w <- w + v.
   config.batch_size = 128  # global, over all devices and hosts

@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.channel_mean = (123.675, 116.28, 103.53)  # torchvision's (0.485, 0.456, 0.406) in 0-255
   config.pca_noise_std = 0.0  # torchvision trained without the paper's colour noise
   config.eval_crops = 1  # torchvision's published 56.5% top-1 is the centre crop's
-  # torchvision's reference recipe: batch 256, weight decay 1e-4 on every parameter, /10 every 30 epochs.
+  # torchvision's reference recipe: batch 256, weight decay 1e-4 on every parameter, /10 every 30
+  # epochs.
   config.batch_size = 256
   config.weight_decay = 1e-4
   config.weight_decay_on_biases = True

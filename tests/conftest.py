@@ -23,12 +23,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Many tests compile the same small programs (the quickstart net's train and eval steps on
 # the same meshes); XLA's persistent cache compiles each once per test run, for every
 # worker, subprocess and notebook kernel. The executables are the same, so are the numbers.
+# A folder of the run's own unless JAX_COMPILATION_CACHE_DIR names one (.ci/run shares one
+# between its two suites).
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import filelock  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from alexnet_jax.models import make_arch, param_shapes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The embedded data, small: 80 train and 20 val images, 5 steps of 16 per epoch.
@@ -36,11 +42,13 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 2
 
 
 def pytest_sessionfinish(session):
-  if not hasattr(session.config, "workerinput"):  # the controller, after every worker is done
+  if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the controller, at the end
     shutil.rmtree(os.path.dirname(_CACHE), ignore_errors=True)
 
 
-def _settings(data_dir: str, overrides: dict) -> dict:
+def small_settings(data_dir: str, overrides: dict) -> dict:
+  """The settings small_config changes: the same compiled steps (batch, crop, classes, rate,
+  mesh) in every test that trains, so that each is compiled once per run."""
   return {
     "data_dir": data_dir,
     "synthetic_train_per_class": TRAIN_PER_CLASS,
@@ -51,29 +59,30 @@ def _settings(data_dir: str, overrides: dict) -> dict:
     "eval_every_steps": 2,
     "checkpoint_every_steps": 2,
     "lr_schedule": "constant",
+    "num_devices": 2,  # a 2x1 mesh: half the time of 8 simulated devices on 2 cores
   } | overrides
 
 
 def small_config(data_dir: str, **overrides):
-  """configs/quickstart.py shrunk for tests: the small embedded data, batch 16 (2 per device),
-  a constant rate, 2 steps, every step logged, evaluated and saved at step 2."""
+  """configs/quickstart.py shrunk for tests: the small embedded data, batch 16 on the first 2
+  devices, a constant rate, 2 steps, every step logged, evaluated and saved at step 2."""
   from configs import quickstart
 
   config = quickstart.get_config()
-  for key, value in _settings(data_dir, overrides).items():
+  for key, value in small_settings(data_dir, overrides).items():
     config[key] = value
   return config
 
 
 def main_flags(data_dir: str, workdir: str, **overrides) -> list[str]:
   """small_config as `python -m alexnet_jax.main` flags."""
-  settings = _settings(data_dir, overrides)
+  settings = small_settings(data_dir, overrides)
   return [f"--workdir={workdir}", "--config=configs/quickstart.py"] + [
     f"--config.{k}={v}" for k, v in settings.items()
   ]
 
 
-def start(args, devices=8, launcher=(sys.executable, "-m", "alexnet_jax.main"), env=None):
+def start(args, devices=2, launcher=(sys.executable, "-m", "alexnet_jax.main"), env=None):
   """A training process (or `launcher`) on `devices` simulated CPU devices; `env` is added."""
   return subprocess.Popen(
     [*launcher, *args],
@@ -95,6 +104,20 @@ def params_of(workdir: str, step: int | None = None):
 
   mesh = sharding.make_mesh(1, jax.devices()[:1])
   return jax.device_get(restore(workdir, step=step, mesh=mesh).params)
+
+
+def assert_close(actual, expected, rtol: float, err_msg: str = "") -> None:
+  """actual equals expected to `rtol` of expected's largest magnitude.
+
+  For two float32 computations of the same values in other orders (another mesh, kernel,
+  compiler option or instruction set: AVX-512 here, AVX2 there). Their results differ by a
+  few units in the last place of the terms they sum, not of each result: where terms cancel,
+  a result near 0 can differ by far more than `rtol` of itself, on one machine and not on
+  the next. The largest result stands for the size of the terms.
+  """
+  expected = np.asarray(expected, np.float64)
+  scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=err_msg)
 
 
 def _built_once(tmp_path_factory, worker_id: str, name: str, build) -> str:
@@ -128,7 +151,7 @@ def data_dir(tmp_path_factory, worker_id) -> str:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, worker_id, data_dir) -> str:
-  """A workdir trained for 2 steps on 8 devices (a data-parallel 8x1 mesh), checkpoint at 2.
+  """A workdir trained for 2 steps on 2 devices (a data-parallel 2x1 mesh), checkpoint at 2.
   Read-only: tests that write into a workdir copy it first (`copy_run`)."""
   from alexnet_jax import train
 
@@ -140,11 +163,100 @@ def trained_run(tmp_path_factory, worker_id, data_dir) -> str:
   )
 
 
+@pytest.fixture(scope="session")
+def tower_run(tmp_path_factory, worker_id, data_dir) -> str:
+  """trained_run's twin on a 1x2 mesh: one tower per device, as in the paper. Read-only."""
+  from alexnet_jax import train
+
+  return _built_once(
+    tmp_path_factory,
+    worker_id,
+    "tower_run",
+    lambda path: train.train_and_evaluate(small_config(data_dir, model_parallelism=2), path),
+  )
+
+
 @pytest.fixture
 def copy_run(trained_run, tmp_path):
   """A private copy of the trained workdir, to resume or damage."""
 
-  def copy(name: str = "run") -> str:
-    return shutil.copytree(trained_run, tmp_path / name, ignore=shutil.ignore_patterns(".built"))
+  def copy(name: str = "run", source: str = trained_run) -> str:
+    return str(shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns(".built")))
 
   return copy
+
+
+# Random weights in the published layouts (numpy only: no tracing).
+
+# torchvision's AlexNet state dict, by hand, for 10 classes.
+TORCHVISION_SHAPES = {
+  "features.0.weight": (64, 3, 11, 11),
+  "features.0.bias": (64,),
+  "features.3.weight": (192, 64, 5, 5),
+  "features.3.bias": (192,),
+  "features.6.weight": (384, 192, 3, 3),
+  "features.6.bias": (384,),
+  "features.8.weight": (256, 384, 3, 3),
+  "features.8.bias": (256,),
+  "features.10.weight": (256, 256, 3, 3),
+  "features.10.bias": (256,),
+  "classifier.1.weight": (4096, 9216),
+  "classifier.1.bias": (4096,),
+  "classifier.4.weight": (4096, 4096),
+  "classifier.4.bias": (4096,),
+  "classifier.6.weight": (10, 4096),
+  "classifier.6.bias": (10,),
+}
+
+
+def normal(rng, shape, std):
+  return rng.standard_normal(shape, np.float32) * np.float32(std)
+
+
+def random_torchvision(rng):
+  """He-scaled weights, so that activations keep their size through the net."""
+  return {
+    k: normal(rng, s, np.sqrt(2 / np.prod(s[1:])) if k.endswith("weight") else 0.1)
+    for k, s in TORCHVISION_SHAPES.items()
+  }
+
+
+def paper_params(side, num_classes, seed=0, towers=None):
+  """Random He-scaled parameters of the paper net for side x side inputs (numpy: no tracing)."""
+  rng, pool5 = np.random.default_rng(seed), {67: 1, 99: 2, 227: 6}[side]
+  return {
+    name: {
+      "kernel": normal(rng, k, np.sqrt(2 / (np.prod(k[1:-1]) if len(k) > 2 else k[0]))),
+      "bias": normal(rng, b, 0.1),
+    }
+    for name, (k, b) in param_shapes(make_arch("paper", towers), num_classes, pool5).items()
+  }
+
+
+def random_params(model, side: int, seed: int = 0) -> dict:
+  """He-scaled random parameters of any AlexNet for side x side inputs, drawn by numpy: no
+  `init` to compile (XLA takes seconds to compile its random number generator on the CPU)."""
+  import jax
+
+  image = jax.ShapeDtypeStruct((1, side, side, 3), np.float32)
+  shapes = jax.eval_shape(model.clone(mesh=None).init, jax.random.key(0), image)["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    shape = leaf.shape
+    if path[-1].key == "bias":
+      return normal(rng, shape, 0.1)
+    fan_in = np.prod(shape[-4:-1]) if len(shape) >= 4 else shape[-2]
+    return normal(rng, shape, np.sqrt(2 / fan_in))
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def apply(model, variables, x, **kwargs):
+  """`model.apply(variables, x, **kwargs)`, jitted: one compilation for the whole net, where an
+  eager call compiles each operation on its own."""
+  import functools
+
+  import jax
+
+  return jax.jit(functools.partial(model.apply, **kwargs))(variables, x)

@@ -10,34 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import apply, assert_close, normal, paper_params, random_torchvision
 from numpy.lib.stride_tricks import sliding_window_view
 
 from alexnet_jax import builders, checkpoints, convert, layouts, sharding
 from alexnet_jax.errors import UserInputError
-from alexnet_jax.models import LAYERS, AlexNet, make_arch, param_shapes
+from alexnet_jax.models import LAYERS, AlexNet, param_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAFFE_LRN = dict(lrn_scope="all", lrn_k=1.0, lrn_alpha=2e-5)
-
-# Hand-written layouts of the published files.
-TORCHVISION_SHAPES = {
-  "features.0.weight": (64, 3, 11, 11),
-  "features.0.bias": (64,),
-  "features.3.weight": (192, 64, 5, 5),
-  "features.3.bias": (192,),
-  "features.6.weight": (384, 192, 3, 3),
-  "features.6.bias": (384,),
-  "features.8.weight": (256, 384, 3, 3),
-  "features.8.bias": (256,),
-  "features.10.weight": (256, 256, 3, 3),
-  "features.10.bias": (256,),
-  "classifier.1.weight": (4096, 9216),
-  "classifier.1.bias": (4096,),
-  "classifier.4.weight": (4096, 4096),
-  "classifier.4.bias": (4096,),
-  "classifier.6.weight": (10, 4096),
-  "classifier.6.bias": (10,),
-}
 
 
 def caffe_shapes(side, num_classes):
@@ -51,18 +32,6 @@ def caffe_shapes(side, num_classes):
     "fc6": (256 * side * side, 4096),
     "fc7": (4096, 4096),
     "fc8": (4096, num_classes),
-  }
-
-
-def normal(rng, shape, std):
-  return rng.standard_normal(shape, np.float32) * np.float32(std)
-
-
-def random_torchvision(rng):
-  """He-scaled weights, so that activations keep their size through the net."""
-  return {
-    k: normal(rng, s, np.sqrt(2 / np.prod(s[1:])) if k.endswith("weight") else 0.1)
-    for k, s in TORCHVISION_SHAPES.items()
   }
 
 
@@ -103,7 +72,8 @@ def np_lrn(a, k, scale, beta, groups, n=5):
 
 
 def np_forward(layers, x, *, pad1, groups, lrn, flatten):
-  """layers: {name: (HWIO kernel or (in, out) matrix, bias)}; lrn: None or (k, scale, beta, groups)."""
+  """layers: {name: (HWIO kernel or (in, out) matrix, bias)}; lrn: None or (k, scale, beta,
+  groups)."""
   h = x.astype(np.float64)
   for name, stride, pad in (
     ("conv1", 4, pad1),
@@ -153,19 +123,8 @@ TORCHVISION_PREFIXES = dict(
 
 
 def assert_logits_close(ours, ref):
-  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-
-
-def paper_params(side, num_classes, seed=0, towers=None):
-  """Random He-scaled parameters of the paper net for side x side inputs (numpy: no tracing)."""
-  rng, pool5 = np.random.default_rng(seed), {67: 1, 99: 2, 227: 6}[side]
-  return {
-    name: {
-      "kernel": normal(rng, k, np.sqrt(2 / (np.prod(k[1:-1]) if len(k) > 2 else k[0]))),
-      "bias": normal(rng, b, 0.1),
-    }
-    for name, (k, b) in param_shapes(make_arch("paper", towers), num_classes, pool5).items()
-  }
+  """Ours in float32 against the float64 reference: float32 rounding over eight layers."""
+  assert_close(ours, ref, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -176,7 +135,7 @@ def test_param_shapes_are_the_models(variant, towers, side):
   model = AlexNet(num_classes=7, variant=variant, towers=towers)
   init = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
   pool5 = {227: 6, 224: 6, 99: 2}[side]
-  assert {n: (l["kernel"].shape, l["bias"].shape) for n, l in init.items()} == param_shapes(
+  assert {n: (p["kernel"].shape, p["bias"].shape) for n, p in init.items()} == param_shapes(
     model.arch, 7, pool5
   )
 
@@ -193,20 +152,21 @@ def test_torchvision_state_dict_gives_the_numpy_reference_logits(torchvision_sd)
   ref = np_forward(
     torch_layers(sd, TORCHVISION_PREFIXES), x, pad1=2, groups=1, lrn=None, flatten="chw"
   )
-  ours = AlexNet(num_classes=10, variant="torchvision").apply(
-    {"params": layouts.from_torchvision(sd)}, x
+  ours = apply(
+    AlexNet(num_classes=10, variant="torchvision"), {"params": layouts.from_torchvision(sd)}, x
   )
   assert_logits_close(ours, ref)
   # With the std folded into conv1, the net takes pixels minus the mean in 0-255 units.
   folded = layouts.from_torchvision(sd, input_std=layouts.TORCHVISION_STD)
   pixels = x * np.asarray(layouts.TORCHVISION_STD, np.float32)
   assert_logits_close(
-    AlexNet(num_classes=10, variant="torchvision").apply({"params": folded}, pixels), ref
+    apply(AlexNet(num_classes=10, variant="torchvision"), {"params": folded}, pixels), ref
   )
 
 
 def test_caffe_npy_gives_the_numpy_reference_logits(tmp_path):
-  """99x99 inputs give a 2x2 pool5, so fc6's HWC row order matters; LRN across all maps, k=1, alpha/n."""
+  """99x99 inputs give a 2x2 pool5, so fc6's HWC row order matters; LRN across all maps, k=1,
+  alpha/n."""
   rng = np.random.default_rng(1)
   layers = random_caffe(rng, side=2, num_classes=5)
   path = str(tmp_path / "bvlc_alexnet.npy")
@@ -221,9 +181,9 @@ def test_caffe_npy_gives_the_numpy_reference_logits(tmp_path):
     flatten="hwc",
   )
   model = AlexNet(num_classes=5, **CAFFE_LRN)
-  assert_logits_close(model.apply({"params": layouts.from_caffe_npy(path)}, bgr), ref)
+  assert_logits_close(apply(model, {"params": layouts.from_caffe_npy(path)}, bgr), ref)
   rgb = bgr[..., ::-1]
-  assert_logits_close(model.apply({"params": layouts.from_caffe_npy(path, rgb=True)}, rgb), ref)
+  assert_logits_close(apply(model, {"params": layouts.from_caffe_npy(path, rgb=True)}, rgb), ref)
   # caffe-tensorflow's other form, {layer: {"weights", "biases"}}, reads the same.
   named = {k: {"weights": w, "biases": b} for k, (w, b) in layers.items()}
   np.testing.assert_array_equal(
@@ -231,8 +191,8 @@ def test_caffe_npy_gives_the_numpy_reference_logits(tmp_path):
   )
   # The paper's per-tower LRN gives other numbers: the option matters.
   assert not np.allclose(
-    AlexNet(num_classes=5, lrn_k=1.0, lrn_alpha=2e-5).apply(
-      {"params": layouts.from_caffe(layers)}, bgr
+    apply(
+      AlexNet(num_classes=5, lrn_k=1.0, lrn_alpha=2e-5), {"params": layouts.from_caffe(layers)}, bgr
     ),
     ref,
     rtol=1e-3,
@@ -257,7 +217,7 @@ def test_grouped_export_gives_the_numpy_reference_logits():
     lrn=(2.0, 1e-4, 0.75, 2),
     flatten="chw",
   )  # the paper's LRN: per tower, alpha not divided
-  assert_logits_close(AlexNet(num_classes=6).apply({"params": params}, x), ref)
+  assert_logits_close(apply(AlexNet(num_classes=6), {"params": params}, x), ref)
 
 
 def assert_trees_equal(a, b):
@@ -301,13 +261,13 @@ def test_lrn_across_all_maps_is_the_same_on_a_tower_mesh():
     num_classes=5, lrn_alpha=1e-2, lrn_scope="all"
   )  # a large alpha makes the tower edge count
   params = paper_params(67, num_classes=5)
-  ref = model.apply({"params": params}, x)
+  ref = apply(model, {"params": params}, x)
   mesh = sharding.make_mesh(2)  # 4x2: one tower per device
   params = jax.device_put(params, sharding.tree_shardings(params, mesh))
-  sharded = model.clone(mesh=mesh).apply(
-    {"params": params}, jax.device_put(x, sharding.batch_sharding(mesh))
+  sharded = apply(
+    model.clone(mesh=mesh), {"params": params}, jax.device_put(x, sharding.batch_sharding(mesh))
   )
-  np.testing.assert_allclose(sharded, ref, rtol=1e-5, atol=1e-5)
+  assert_close(sharded, ref, rtol=1e-5)  # one tower per device: other sum orders
   with pytest.raises(ValueError, match="unknown lrn_scope 'gpu'"):
     AlexNet(lrn_scope="gpu")
 
@@ -405,7 +365,8 @@ def test_command_line_prints_one_line_errors(tmp_path):
 
 
 def restore_train_state(workdir):
-  """The whole TrainState of workdir's latest checkpoint, as `--mode=eval` and resuming restore it."""
+  """The whole TrainState of workdir's latest checkpoint, as `--mode=eval` and resuming restore
+  it."""
   config = checkpoints.load_config(workdir)
   mesh = sharding.make_mesh(1)
   target = builders.abstract_state(
@@ -488,10 +449,10 @@ def test_torch_nets_give_the_same_logits():
   with torch.no_grad():
     ref = net(torch.from_numpy(x)).numpy()
   params = layouts.from_torchvision({k: v.numpy() for k, v in net.state_dict().items()})
-  ours = AlexNet(num_classes=10, variant="torchvision").apply(
-    {"params": params}, x.transpose(0, 2, 3, 1)
+  ours = apply(
+    AlexNet(num_classes=10, variant="torchvision"), {"params": params}, x.transpose(0, 2, 3, 1)
   )
-  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+  assert_close(ours, ref, rtol=1e-4)  # PyTorch's kernels against XLA's
 
   params = paper_params(99, num_classes=10)  # pool5 2x2: fc6's CHW order matters
   grouped = torch_nets.GroupedAlexNet(num_classes=10, pool5_side=2).eval()
@@ -501,9 +462,7 @@ def test_torch_nets_give_the_same_logits():
   x = np.random.default_rng(8).uniform(-120, 120, (4, 99, 99, 3)).astype(np.float32)
   with torch.no_grad():
     ref = grouped(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  np.testing.assert_allclose(
-    AlexNet(num_classes=10).apply({"params": params}, x), ref, atol=1e-4, rtol=1e-4
-  )
+  assert_close(apply(AlexNet(num_classes=10), {"params": params}, x), ref, rtol=1e-4)
 
 
 def test_torch_pth_is_read_with_weights_only(tmp_path):

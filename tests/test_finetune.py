@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_convert import paper_params, random_torchvision
+from conftest import paper_params, random_torchvision
 
 from alexnet_jax import builders, checkpoints, layouts, optim, pretrained, sharding, train
 from alexnet_jax.config_check import check_config

@@ -50,10 +50,10 @@ def test_classes_sorted_to_labels_and_all_formats_decode(folder):
   batch = next(ip.train_batches(train, batch_size=8, seed=0, **PLAIN))
   assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.uint8
   assert net_input(batch).dtype == np.float32
-  by_label = {int(l): img for l, img in zip(batch["label"], batch["image"])}
+  by_label = {int(y): img for y, img in zip(batch["label"], batch["image"])}
   np.testing.assert_allclose(by_label[2], 200, atol=1)  # RGBA -> RGB, alpha dropped
   gray = [
-    img for l, img in zip(batch["label"], batch["image"]) if l == 1 and abs(img.mean() - 100) < 2
+    img for y, img in zip(batch["label"], batch["image"]) if y == 1 and abs(img.mean() - 100) < 2
   ]
   assert gray and np.allclose(gray[0][..., 0], gray[0][..., 2])  # grayscale -> three equal channels
 
@@ -75,7 +75,7 @@ def test_eval_covers_the_split_once_with_padding(folder):
   batches = list(ip.eval_batches(val, batch_size=2, **ARGS))
   assert len(batches) == 2
   assert [b["mask"].tolist() for b in batches] == [[1, 1], [1, 0]]
-  labels = [l for b in batches for l, m in zip(b["label"], b["mask"]) if m]
+  labels = [y for b in batches for y, m in zip(b["label"], b["mask"]) if m]
   assert sorted(labels) == [0, 2, 2]
   # Two processes: equal numbers of batches, disjoint images, the split covered once.
   shares = [

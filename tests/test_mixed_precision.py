@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_params
 
 from alexnet_jax import backend, bench, metrics, optim, steps, train
 from alexnet_jax.errors import UserInputError
@@ -16,7 +17,7 @@ from configs import quickstart
 
 def test_bfloat16_step_computes_low_and_keeps_float32_state():
   tx = optim.paper_sgd(1.0)  # large steps, so that float32 resolves their differences
-  params = AlexNet(num_classes=10).init(jax.random.key(0), jnp.zeros((1, 67, 67, 3)))["params"]
+  params = random_params(AlexNet(num_classes=10), 67)
   state = steps.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), plateau={})
   batch = bench.synthetic_batch(8, 67, train=True)
   mean = jnp.full((67, 67, 3), 120.0)

@@ -15,10 +15,10 @@ from alexnet_jax import metrics
 def test_two_processes_train_like_one(tmp_path, data_dir):
   """2 processes x 2 CPU devices (launch.sh) end with the parameters of 1 process x 4 devices."""
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  single = start(main_flags(data_dir, one, num_train_steps=3), devices=4)
+  single = start(main_flags(data_dir, one, num_train_steps=3, num_devices=0), devices=4)
   assert single.wait(timeout=600) == 0, single.communicate()[1][-3000:]
   pair = start(
-    main_flags(data_dir, two, num_train_steps=3),
+    main_flags(data_dir, two, num_train_steps=3, num_devices=0),
     devices=2,
     launcher=("bash", "launch.sh"),
     env={"NUM_PROCESSES": "2", "COORDINATOR_PORT": str(20000 + os.getpid() % 20000)},

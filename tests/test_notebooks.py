@@ -4,14 +4,16 @@ import os
 
 import nbformat
 import pytest
+from conftest import small_settings
 from nbclient import NotebookClient
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
 def execute(name, parameters):
-  """Runs notebooks/NAME from its own folder, PARAMETERS placed after its parameters cell (as papermill
-  does); a failing cell raises nbclient's CellExecutionError with the cell and its traceback."""
+  """Runs notebooks/NAME from its own folder, PARAMETERS placed after its parameters cell (as
+  papermill does); a failing cell raises nbclient's CellExecutionError with the cell and its
+  traceback."""
   nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
   at = next(i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", []))
   nb.cells.insert(at + 1, nbformat.v4.new_code_cell(parameters))
@@ -28,23 +30,25 @@ def images_shown(nb):
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
+def quickstart(tmp_path_factory, data_dir):
+  """The quickstart notebook with the tests' small settings (its steps compile once per run)."""
   workdir = str(tmp_path_factory.mktemp("notebooks") / "run")
+  overrides = small_settings(data_dir, {})
   nb = execute(
     "quickstart.ipynb",
-    f"WORKDIR = {workdir!r}\nNUM_TRAIN_STEPS = 2\n"
-    "OVERRIDES = dict(synthetic_train_per_class=4, synthetic_val_per_class=2, batch_size=16,\n"
-    "                 log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2)",
+    f"WORKDIR = {workdir!r}\nNUM_TRAIN_STEPS = 2\nOVERRIDES = {overrides!r}",
   )
   return workdir, nb
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_trains_and_plots(quickstart):
   workdir, nb = quickstart
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
   assert os.path.exists(os.path.join(workdir, "training_curves.png")) and images_shown(nb) == 1
 
 
+@pytest.mark.slow
 def test_features_notebook_extracts_and_draws(quickstart, tmp_path):
   workdir, _ = quickstart
   out = str(tmp_path / "features")

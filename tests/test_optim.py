@@ -36,7 +36,8 @@ def test_update_rule_matches_the_paper_across_a_rate_drop():
 
 
 def test_rate_inside_momentum_differs_from_optax_sgd():
-  """After a drop, optax.sgd keeps moving with the old rate's momentum; the paper's rule does not."""
+  """After a drop, optax.sgd keeps moving with the old rate's momentum; the paper's rule does
+  not."""
   lr = optax.piecewise_constant_schedule(1.0, {1: 0.0})
   params = {"w": jnp.zeros(())}
   grads = {"w": jnp.ones(())}

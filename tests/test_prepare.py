@@ -80,12 +80,13 @@ def test_prepare_writes_256_shards_labels_and_statistics(prepared):
   assert stats.mean_image.shape == (256, 256, 3) and 0 < stats.mean_image.mean() < 255
   assert stats.eigval[0] >= stats.eigval[1] >= stats.eigval[2] > 0
   np.testing.assert_allclose(stats.eigvec.T @ stats.eigvec, np.eye(3), atol=1e-5)
-  # Every stored image is a 256x256 RGB JPEG with its class's label; val labels follow the real list.
+  # Every stored image is a 256x256 RGB JPEG with its class's label; val labels follow the real
+  # list.
   val = list(
     input_pipeline.eval_batches(val_split, batch_size=VAL_COUNT, image_size=256, resize_size=256)
   )[0]
   wnids = prepare.imagenet_val_labels()[:VAL_COUNT]
-  assert [train_split.classes[l] for l in val["label"]] == wnids
+  assert [train_split.classes[y] for y in val["label"]] == wnids
   assert val["image"].shape == (VAL_COUNT, 256, 256, 3)
 
 

@@ -1,4 +1,5 @@
-"""The whole job through train_and_evaluate: a real step, evaluation, checkpoints, resume, meshes."""
+"""The whole job through train_and_evaluate: a real step, evaluation, checkpoints, resume,
+meshes."""
 
 import json
 import os
@@ -68,13 +69,10 @@ def test_resume_continues_from_the_saved_step(copy_run, tmp_path, data_dir):
     np.testing.assert_array_equal(x, y)  # same batches, same dropout: bit-identical
 
 
-def test_training_on_a_tower_mesh_matches_one_device(trained_run, tmp_path, data_dir):
-  """8 simulated devices as a 4x2 mesh (one tower per device) give the first step's loss of
-  the 8x1 run. The two meshes sum in different orders: float32 rounding, not a kernel's."""
-  train.train_and_evaluate(
-    small_config(data_dir, num_train_steps=1, model_parallelism=2), str(tmp_path / "mesh42")
-  )
-  towers = train_lines(str(tmp_path / "mesh42"))[0]
+def test_training_on_a_tower_mesh_matches_one_device(trained_run, tower_run):
+  """2 devices as a 1x2 mesh (one tower per device) give the first step's loss of the 2x1
+  data-parallel run. The two meshes sum in different orders: float32 rounding, not a kernel's."""
+  towers = train_lines(tower_run)[0]
   assert towers["train/loss"] == pytest.approx(train_lines(trained_run)[0]["train/loss"], rel=1e-5)
 
 

@@ -1,4 +1,5 @@
-"""The fast paths equal the plain ones, and the benchmark measures and reports what it says."""
+"""The benchmark measures and reports what it says, on machines without TensorFlow; the
+backend's tables (peak FLOP/s, compiler options, dtypes) answer as documented."""
 
 import json
 import os
@@ -6,112 +7,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
+from conftest import ROOT
 
-from alexnet_jax import backend, bench, ops, sharding
+from alexnet_jax import backend, bench
 from alexnet_jax.models import AlexNet
-
-CLASSES = 10
-
-
-def grad_of(f, x, cotangent):
-  return jax.jit(jax.grad(lambda x: jnp.sum(f(x) * cotangent)))(x)
-
-
-@pytest.mark.parametrize(
-  "shape, window, stride",
-  [
-    ((2, 55, 55, 8), 3, 2),
-    ((2, 27, 26, 5), 3, 2),
-    ((2, 13, 13, 4), 3, 2),
-    ((1, 12, 12, 3), 2, 2),
-    ((1, 9, 9, 2), 3, 3),
-  ],
-)
-def test_max_pool_and_its_gradient_match_reduce_window(shape, window, stride):
-  # Rounded ReLU outputs: many ties, which reduce_window's gradient gives to the first maximum.
-  x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.key(0), shape)) * 4) / 4
-  ref = ops.max_pool_reduce_window(x, window, stride)
-  np.testing.assert_array_equal(ops.max_pool(x, window, stride), ref)
-  g = jax.random.normal(jax.random.key(1), ref.shape)
-  fast = grad_of(lambda x: ops.max_pool(x, window, stride), x, g)
-  plain = grad_of(lambda x: ops.max_pool_reduce_window(x, window, stride), x, g)
-  np.testing.assert_allclose(
-    fast, plain, rtol=1e-6, atol=1e-6
-  )  # the same terms, summed in another order
-  np.testing.assert_array_equal(fast != 0, plain != 0)
-
-
-@pytest.mark.parametrize("n, beta", [(5, 0.75), (4, 0.75), (5, 0.5), (3, 1.0)])
-def test_lrn_gradient_matches_autodiff(n, beta):
-  x = jax.random.uniform(jax.random.key(0), (2, 5, 5, 11), maxval=60.0)
-  g = jax.random.normal(jax.random.key(1), x.shape)
-  args = dict(k=2.0, n=n, alpha=1e-3, beta=beta)  # a large alpha: the cross-channel terms matter
-  np.testing.assert_allclose(ops.lrn(x, **args), ops.lrn_autodiff(x, **args), rtol=1e-6)
-  np.testing.assert_allclose(
-    grad_of(lambda x: ops.lrn(x, **args), x, g),
-    grad_of(lambda x: ops.lrn_autodiff(x, **args), x, g),
-    rtol=1e-5,
-    atol=1e-7,
-  )
-  assert ops.lrn(x.astype(jnp.bfloat16), **args).dtype == jnp.bfloat16
-
-
-def loss_and_grads(model, params, x, y, **jit_kwargs):
-  def loss(p):
-    logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(7)})
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
-
-  return jax.jit(jax.value_and_grad(loss), **jit_kwargs)(params)
-
-
-def assert_same(a, b, rtol=1e-5, atol=1e-7):
-  (loss_a, grads_a), (loss_b, grads_b) = a, b
-  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
-  for (path, ga), gb in zip(jax.tree_util.tree_leaves_with_path(grads_a), jax.tree.leaves(grads_b)):
-    np.testing.assert_allclose(ga, gb, rtol=rtol, atol=atol, err_msg=sharding.path_str(path))
-
-
-@pytest.mark.parametrize(
-  "kwargs, mesh_model",
-  [
-    ({}, None),
-    ({}, 2),
-    ({"lrn_scope": "all", "lrn_k": 1.0}, None),
-    ({"variant": "torchvision"}, None),
-  ],
-)
-def test_fast_and_plain_nets_have_equal_gradients(kwargs, mesh_model):
-  x = jax.random.uniform(jax.random.key(1), (4, 99, 99, 3), minval=-100, maxval=100)
-  y = jnp.arange(4) % CLASSES
-  params = AlexNet(num_classes=CLASSES, **kwargs).init(jax.random.key(0), x)["params"]
-  mesh = None if mesh_model is None else sharding.make_mesh(mesh_model, jax.devices()[:2])
-  if mesh is not None:
-    params = jax.device_put(params, sharding.tree_shardings(params, mesh))
-    x = jax.device_put(x, sharding.batch_sharding(mesh))
-  fast, plain = (
-    loss_and_grads(AlexNet(num_classes=CLASSES, mesh=mesh, ops_impl=impl, **kwargs), params, x, y)
-    for impl in ("fast", "plain")
-  )
-  assert_same(fast, plain)
-
-
-def test_cpu_compiler_options_leave_gradients_unchanged():
-  options = backend.compiler_options()
-  assert options == backend.compiler_options("cpu") and options  # convolutions kept out of YNNPACK
-  assert backend.compiler_options("gpu") == {}
-  x = jax.random.uniform(jax.random.key(1), (4, 67, 67, 3), minval=-100, maxval=100)
-  y = jnp.arange(4) % CLASSES
-  model = AlexNet(num_classes=CLASSES)
-  params = model.init(jax.random.key(0), x)["params"]
-  assert_same(
-    loss_and_grads(model, params, x, y, compiler_options=options),
-    loss_and_grads(model, params, x, y),
-    rtol=1e-4,
-    atol=1e-6,
-  )
 
 
 def test_train_flops_are_the_papers():
@@ -178,9 +78,6 @@ def test_bench_report_without_a_known_peak_leaves_mfu_out():
     and report["results"][0]["train_ratio_to_first"] == 1.0
   )
   assert "| 1x2 | float32 | 2 | plain | backend |" in bench.markdown(report)
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_command(run: str, args: list[str], no_torch: bool = False) -> list[str]:
