@@ -37,7 +37,6 @@ from alexnet_jax import cli
 from alexnet_jax.errors import UserInputError
 
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
-INFO_FILE, STATS_FILE = "dataset_info.json", "stats.npz"
 SIDE = 256
 VAL_SHARD = 1000
 _EXT = ".array_record"
@@ -341,9 +340,11 @@ def prepare(
       for s, fs in files.items()
     },
   }
-  with open(os.path.join(data_dir, INFO_FILE), "w") as f:
+  from alexnet_jax.input_pipeline import SHARD_INFO, SHARD_STATS  # the names it reads
+
+  with open(os.path.join(data_dir, SHARD_INFO), "w") as f:
     json.dump(info, f, indent=1)
-  stats_path = os.path.join(data_dir, STATS_FILE)
+  stats_path = os.path.join(data_dir, SHARD_STATS)
   if not os.path.exists(stats_path) and stats_images > 0:
     np.savez(stats_path + ".tmp.npz", **compute_stats(files["train"], stats_images))
     os.replace(stats_path + ".tmp.npz", stats_path)

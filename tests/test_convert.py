@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import apply, assert_close, normal, paper_params, random_torchvision
+from conftest import (
+  TORCHVISION_SHAPES,
+  apply,
+  assert_close,
+  normal,
+  paper_params,
+  random_torchvision,
+)
 from numpy.lib.stride_tricks import sliding_window_view
 
 from alexnet_jax import builders, checkpoints, convert, layouts, sharding
@@ -105,21 +112,10 @@ def torch_layers(state_dict, prefixes):
   return out
 
 
-TORCHVISION_PREFIXES = dict(
-  zip(
-    LAYERS,
-    (
-      "features.0",
-      "features.3",
-      "features.6",
-      "features.8",
-      "features.10",
-      "classifier.1",
-      "classifier.4",
-      "classifier.6",
-    ),
-  )
-)
+# Our layers in order against the hand-written table's (its weights come in layer order).
+TORCHVISION_PREFIXES = {
+  name: key.removesuffix(".weight") for name, key in zip(LAYERS, list(TORCHVISION_SHAPES)[::2])
+}
 
 
 def assert_logits_close(ours, ref):

@@ -57,6 +57,7 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path, d
   assert comparable(straight) == comparable(killed)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   proc = start(

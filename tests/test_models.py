@@ -115,7 +115,7 @@ def test_model_normalises_each_tower_over_its_own_maps():
 
 
 def test_paper_initialisation():
-  params = jax.jit(AlexNet().init)(jax.random.key(0), jnp.zeros((1, 227, 227, 3)))["params"]
+  params = jax.jit(AlexNet().init)(jax.random.key(0), jnp.zeros((1, 67, 67, 3)))["params"]
   for name, layer in params.items():
     kernel = np.asarray(layer["kernel"])
     assert abs(kernel.std() - 0.01) < 0.0005, name

@@ -75,8 +75,8 @@ def assert_same(a, b, rtol=1e-5):
   "kwargs, mesh_model",
   [
     ({}, None),
-    ({}, 2),
-    ({"lrn_scope": "all", "lrn_k": 1.0}, None),
+    pytest.param({}, 2, marks=pytest.mark.slow),  # test_sharding: the fast ops on meshes
+    pytest.param({"lrn_scope": "all", "lrn_k": 1.0}, None, marks=pytest.mark.slow),
     ({"variant": "torchvision"}, None),
   ],
 )

@@ -101,6 +101,7 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(prepared):
   assert os.path.exists(shards[-1]) and os.path.getmtime(shards[-1]) > 0
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_prepared_data(prepared, tmp_path):
   _, out, _, _ = prepared
   config = default.get_config()
