@@ -377,6 +377,7 @@ def restore_train_state(workdir):
   return config, state
 
 
+@pytest.mark.slow
 def test_import_writes_a_checkpoint_training_restores_and_export_reads_back(tmp_path):
   """A grouped paper net trained on 67x67 crops (quickstart's) out to PyTorch and back in."""
   params = paper_params(67, num_classes=10)

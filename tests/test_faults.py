@@ -117,8 +117,13 @@ def test_a_nan_loss_stops_the_run_naming_the_step_without_saving_it(copy_run, da
   mgr = checkpoints.manager(workdir, 3)
   assert mgr.all_steps() == [2]  # the broken state was not saved
   mgr.close()
-  # Or skip such steps and count them: the parameters stay those of step 2.
-  skipping = copy_run("skip")
+
+
+@pytest.mark.slow
+def test_a_nan_step_can_be_skipped_and_counted(copy_run, data_dir):
+  """As above, with skip_nonfinite_steps: the parameters stay those of step 2."""
+  poisoned = dict(channel_mean=(float("nan"),) * 3, checkpoint_every_steps=1)
+  workdir, skipping = copy_run(), copy_run("skip")
   config = config_for(data_dir, num_train_steps=3, skip_nonfinite_steps=True, **poisoned)
   train.train_and_evaluate(config, skipping)
   last = [r for r in metrics.read_metrics(skipping) if "train/loss" in r][-1]

@@ -15,6 +15,7 @@ from alexnet_jax.models import AlexNet
 from configs import quickstart
 
 
+@pytest.mark.slow
 def test_bfloat16_step_computes_low_and_keeps_float32_state():
   tx = optim.paper_sgd(1.0)  # large steps, so that float32 resolves their differences
   params = random_params(AlexNet(num_classes=10), 67)

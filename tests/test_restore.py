@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 from conftest import apply, assert_close, small_config
 
 from alexnet_jax import checkpoints, metrics, sharding, train
@@ -16,6 +17,7 @@ def mesh(data, model):
   return sharding.make_mesh(model, jax.devices()[: data * model])
 
 
+@pytest.mark.slow
 def test_a_tower_checkpoint_restores_on_1_2x1_and_4x2_and_trains_on(tower_run, copy_run, data_dir):
   workdir = copy_run(source=tower_run)
   x = jax.random.normal(jax.random.key(0), (4, 67, 67, 3)) * 50

@@ -69,6 +69,7 @@ def test_resume_continues_from_the_saved_step(copy_run, tmp_path, data_dir):
     np.testing.assert_array_equal(x, y)  # same batches, same dropout: bit-identical
 
 
+@pytest.mark.slow
 def test_training_on_a_tower_mesh_matches_one_device(trained_run, tower_run):
   """2 devices as a 1x2 mesh (one tower per device) give the first step's loss of the 2x1
   data-parallel run. The two meshes sum in different orders: float32 rounding, not a kernel's."""
