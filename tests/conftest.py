@@ -18,11 +18,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
-# Tests time nothing and compile much (small programs, run a few times): LLVM's optimisations
-# cost more than they save here (the default suite runs in half the time). The numbers
-# compared are computed under the same flags; benchmarks/ measure with XLA's defaults.
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Many tests compile the same small programs (the quickstart net's train and eval steps on
@@ -44,6 +39,17 @@ from alexnet_jax.models import make_arch, param_shapes  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The embedded data, small: 80 train and 20 val images, 5 steps of 16 per epoch.
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 2
+
+
+def pytest_configure(config):
+  """The default suite compiles much and runs little (small programs, a few steps each):
+  there LLVM's optimisations cost more than they save (the suite runs in half the time). The
+  slow suite trains for hundreds of steps: it keeps XLA's defaults. Numbers compared are
+  computed under the same flags; benchmarks/ measure with XLA's defaults. Set here, before
+  JAX starts its backend (it reads XLA_FLAGS then), in the controller and every worker."""
+  slow = "slow" in config.getoption("markexpr", "").replace("not slow", "")
+  if not slow and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 
 def pytest_sessionfinish(session):

@@ -239,7 +239,9 @@ def test_round_trips_are_exact(torchvision_sd):
   np.testing.assert_allclose(back["features.0.weight"], sd["features.0.weight"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pth"])
+@pytest.mark.parametrize(
+  "suffix", [".npz", ".safetensors", pytest.param(".pth", marks=pytest.mark.slow)]
+)
 def test_state_dict_files_round_trip(tmp_path, suffix, torchvision_sd):
   pytest.importorskip({".npz": "numpy", ".safetensors": "safetensors", ".pth": "torch"}[suffix])
   sd = torchvision_sd

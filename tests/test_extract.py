@@ -158,6 +158,7 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path):
   assert not os.path.exists(tmp_path / "o.npz")
 
 
+@pytest.mark.slow  # a process of its own; the message itself: test_bad_inputs_are_one_line_errors
 def test_cli_error_is_one_line(tmp_path):
   result = subprocess.run(
     [
