@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import paper_params, random_torchvision
+from conftest import paper_params, params_of, random_torchvision, small_config
 
 from alexnet_jax import builders, checkpoints, layouts, optim, pretrained, sharding, train
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import LAYERS
+from alexnet_jax.restore import restore
 from configs import quickstart
 
 TRUNK = LAYERS[:-1]  # conv1 ... fc7
@@ -140,22 +141,18 @@ def test_bad_fine_tuning_values_are_named(change, message):
 
 
 @pytest.mark.slow
-def test_fine_tuning_trains_only_the_last_layer_and_resume_wins(tmp_path, monkeypatch):
-  from test_train import final_params, small_config
-
+def test_fine_tuning_trains_only_the_last_layer_and_resume_wins(tmp_path, monkeypatch, data_dir):
   path = tmp_path / "alexnet.npz"
   source = grouped_file(path, num_classes=5)
-  config = small_config(str(tmp_path / "data"), init_from=str(path), freeze_all_but_last=1)
+  config = small_config(data_dir, init_from=str(path), freeze_all_but_last=1)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  state = final_params(workdir, config)
-  assert int(state.step) == 2
-  assert_layers_equal(state.params, source, TRUNK)  # frozen: not a bit moved
-  assert not np.allclose(
-    state.params["fc8"]["kernel"], initial_state(config).params["fc8"]["kernel"]
-  )
+  assert restore(workdir).step == 2
+  params = params_of(workdir)
+  assert_layers_equal(params, source, TRUNK)  # frozen: not a bit moved
+  assert not np.allclose(params["fc8"]["kernel"], initial_state(config).params["fc8"]["kernel"])
   # The run's own checkpoint takes precedence over init_from.
   monkeypatch.setattr(pretrained, "init_params", lambda *_: pytest.fail("init_from read on resume"))
   config.num_train_steps = 3
   train.train_and_evaluate(config, workdir)
-  assert int(final_params(workdir, config).step) == 3
+  assert restore(workdir).step == 3

@@ -97,3 +97,16 @@ def test_private_finder_sees_private_uses(tmp_path):
 def test_no_private_name_is_used_outside_its_module(folder):
   uses = {str(p.relative_to(ROOT)): private_uses(p) for p in sorted((ROOT / folder).glob("*.py"))}
   assert {path: u for path, u in uses.items() if u} == {}
+
+
+def test_tests_share_through_conftest_not_each_other():
+  """A test module imports no other test module: what they share is in conftest.py."""
+  imported = {
+    p.name: [
+      node.module
+      for node in ast.walk(ast.parse(p.read_text()))
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("test_")
+    ]
+    for p in sorted((ROOT / "tests").glob("test_*.py"))
+  }
+  assert {name: mods for name, mods in imported.items() if mods} == {}
