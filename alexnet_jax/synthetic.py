@@ -111,13 +111,22 @@ def render(label: int, seed: Sequence[int]) -> Image.Image:
   return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
+def _remove_others(folder: str, name: str, keep: set[str]) -> None:
+  """Deletes the images an earlier, larger generation left in `folder`: only files named as
+  this module names them, so nothing a user put there is touched."""
+  for file in os.listdir(folder):
+    if file.startswith(name + "_") and file.endswith(".jpg") and file not in keep:
+      os.remove(os.path.join(folder, file))
+
+
 def generate(
   data_dir: str, train_per_class: int = 300, val_per_class: int = 50, seed: int = 0
 ) -> str:
   """Writes the dataset under data_dir unless a complete copy is there; returns data_dir.
 
   A marker file written last makes an interrupted generation start again rather than
-  leave a half-written dataset that looks complete.
+  leave a half-written dataset that looks complete; images of an earlier, larger
+  generation are removed, so the folder holds exactly the dataset asked for.
   """
   marker = os.path.join(data_dir, _DONE)
   expected = f"{train_per_class} {val_per_class} {seed}"
@@ -127,9 +136,11 @@ def generate(
     for label, name in enumerate(CLASSES):
       folder = os.path.join(data_dir, split, name)
       os.makedirs(folder, exist_ok=True)
-      for i in range(count):
+      names = [f"{name}_{i:05d}.jpg" for i in range(count)]
+      _remove_others(folder, name, set(names))
+      for i, file in enumerate(names):
         render(label, [seed, offset + label * count + i]).save(
-          os.path.join(folder, f"{name}_{i:05d}.jpg"), quality=90
+          os.path.join(folder, file), quality=90
         )
   with open(marker, "w") as f:
     f.write(expected)

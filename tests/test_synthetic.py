@@ -28,3 +28,11 @@ def test_generation_is_skipped_when_complete_and_redone_when_not(tmp_path):
   os.remove(os.path.join(root, ".complete"))  # as if interrupted
   synthetic.generate(root, train_per_class=1, val_per_class=1)
   assert os.path.getmtime(first) > 0
+
+
+def test_regenerating_smaller_leaves_exactly_the_requested_dataset(tmp_path):
+  root = str(tmp_path / "d")
+  synthetic.generate(root, train_per_class=3, val_per_class=2)
+  synthetic.generate(root, train_per_class=1, val_per_class=1)
+  train, val = input_pipeline.read_image_folder(root)
+  assert len(train) == 10 and len(val) == 10
