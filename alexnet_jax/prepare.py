@@ -234,6 +234,11 @@ def compute_stats(train_files: list[str], sample: int) -> dict:
 
   source = ArrayRecordDataSource(train_files)
   n = len(source)
+  if n == 0 or sample < 1:
+    raise UserInputError(
+      f"no images to compute the statistics from ({n} in {train_files[:3]}, sample={sample}): "
+      "every training image was unreadable (listed in skipped.txt); replace them and rerun"
+    )
   picks = np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64))
   total = np.zeros((SIDE, SIDE, 3), np.float64)
   moment = np.zeros((3, 3), np.float64)

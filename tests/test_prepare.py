@@ -1,5 +1,6 @@
 """prepare on a tiny pair of archives in the official layout, then train and evaluate on it."""
 
+import concurrent.futures
 import io
 import os
 import tarfile
@@ -188,3 +189,11 @@ def test_processes_read_disjoint_equal_shares_covering_the_split(prepared):
     train_split, batch_size=n, image_size=256, resize_size=256, stats=stats, seed=4
   )
   assert first | second <= {hash(img.tobytes()) for img in next(one)["image"]}
+
+
+def test_statistics_of_no_images_are_refused(tmp_path):
+  empty = str(tmp_path / "0000.array_record")
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    prepare.write_shard(empty, [], pool, quality=90)
+  with pytest.raises(UserInputError, match="no training images"):
+    prepare.compute_stats([empty], sample=10)
