@@ -195,5 +195,5 @@ def test_statistics_of_no_images_are_refused(tmp_path):
   empty = str(tmp_path / "0000.array_record")
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     prepare.write_shard(empty, [], pool, quality=90)
-  with pytest.raises(UserInputError, match="no training images"):
+  with pytest.raises(UserInputError, match="no images to compute the statistics"):
     prepare.compute_stats([empty], sample=10)
