@@ -91,25 +91,38 @@ def train_stream(split, steps, **kw):
   return [next(it) for _ in range(steps)]
 
 
-def test_training_order_is_seeded_disjoint_per_host_and_resumable(folder):
-  train, _ = ip.read_image_folder(folder)
+def distinct_images(root, count=8):
+  """`count` train images, each of its own constant value: a crop's mean names its source."""
+  for i in range(count):
+    write(str(root / f"train/c{i % 3}/{i}.png"), "RGB", (32 + i, 40), 20 + 25 * i)
+  write(str(root / "val/c0/v.png"), "RGB", (32, 32), 0)
+  return ip.read_image_folder(str(root))[0]
+
+
+def sources(batch):
+  return [round(float(img.mean())) for img in batch["image"]]
+
+
+def test_training_order_is_seeded_disjoint_per_host_and_resumable(tmp_path):
+  train = distinct_images(tmp_path)
   a, b = train_stream(train, 8), train_stream(train, 8)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["image"], y["image"])
   # Resuming at step 5 yields exactly the batches 5, 6, 7 of the uninterrupted stream.
   for x, y in zip(a[5:], train_stream(train, 3, start_step=5)):
     np.testing.assert_array_equal(x["image"], y["image"])
+  epoch_one = [s for batch in a[:4] for s in sources(batch)]
+  assert sorted(epoch_one) == [20 + 25 * i for i in range(8)]  # each image once per epoch
 
-  # Per epoch (4 images per host with 2 hosts), the hosts' shares are disjoint and cover 8 files.
-  def files(pi):
-    it = ip.train_batches(train, batch_size=4, seed=3, process_index=pi, process_count=2, **PLAIN)
-    return next(it)
+  # Per epoch (4 images per host with 2 hosts), the hosts' shares are disjoint halves of
+  # the one-process epoch, in its order.
+  def share(pi):
+    it = ip.train_batches(train, batch_size=2, seed=3, process_index=pi, process_count=2, **PLAIN)
+    return [s for _ in range(2) for s in sources(next(it))]
 
-  h0, h1 = files(0), files(1)
-  pixels = sorted(round(float(v), 1) for h in (h0, h1) for v in h["image"].mean(axis=(1, 2, 3)))
-  assert len(pixels) == 8
-  epoch_one = [img.mean() for batch in a[:4] for img in batch["image"]]
-  assert sorted(round(float(v), 1) for v in epoch_one) == pixels
+  h0, h1 = share(0), share(1)
+  assert not set(h0) & set(h1) and sorted(h0 + h1) == sorted(epoch_one)
+  assert h0 == epoch_one[0:2] + epoch_one[4:6] and h1 == epoch_one[2:4] + epoch_one[6:8]
 
 
 def test_augmentation_crops_and_flips_vary(tmp_path):
