@@ -41,13 +41,27 @@ def test_max_pool_and_its_gradient_match_reduce_window(shape, window, stride):
   np.testing.assert_array_equal(fast != 0, plain != 0)
 
 
+def paper_lrn(a: np.ndarray, k: float, n: int, alpha: float, beta: float) -> np.ndarray:
+  """The paper's LRN (§3.3) in float64, map by map: b_i = a_i / (k + alpha * sum of a_j^2 over
+  the n maps centred on i, clipped at the ends)^beta, alpha not divided by n. For even n
+  the window holds one more map before i than after, as PyTorch's."""
+  a, maps = np.asarray(a, np.float64), a.shape[-1]
+  out = np.empty_like(a)
+  for i in range(maps):
+    window = a[..., max(0, i - n // 2) : min(maps, i + (n - 1) // 2 + 1)]
+    out[..., i] = a[..., i] / (k + alpha * np.sum(window**2, axis=-1)) ** beta
+  return out
+
+
 @pytest.mark.parametrize("n, beta", [(5, 0.75), (4, 0.75), (5, 0.5), (3, 1.0)])
-def test_lrn_gradient_matches_autodiff(n, beta):
+def test_lrn_is_the_papers_formula_and_its_gradient_autodiffs(n, beta):
   x = jax.random.uniform(jax.random.key(0), (2, 5, 5, 11), maxval=60.0)
   g = jax.random.normal(jax.random.key(1), x.shape)
   args = dict(k=2.0, n=n, alpha=1e-3, beta=beta)  # a large alpha: the cross-channel terms matter
-  np.testing.assert_allclose(ops.lrn(x, **args), ops.lrn_autodiff(x, **args), rtol=1e-6)
-  assert_close(  # other formulas for the same gradient: other roundings, and pow's
+  ref = paper_lrn(np.asarray(x), **args)
+  for lrn in (ops.lrn, ops.lrn_autodiff):  # sums of squares: no cancellation, a few ulp
+    np.testing.assert_allclose(lrn(x, **args), ref, rtol=1e-5)
+  assert_close(  # the forward is right: autodiff's gradient is the reference for the fast one
     grad_of(lambda x: ops.lrn(x, **args), x, g),
     grad_of(lambda x: ops.lrn_autodiff(x, **args), x, g),
     rtol=1e-5,
