@@ -94,9 +94,17 @@ def read_image_folder(data_dir: str) -> tuple[Split, Split]:
   return train, read_split(data_dir, "val", train.classes)
 
 
+def _decode(path: tf.Tensor) -> tf.Tensor:
+  """An image file's pixels as (H, W, 3) uint8: the one step that fails on a bad file."""
+  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
 def _decode_and_rescale(path: tf.Tensor, resize_size: int) -> tf.Tensor:
+  return _rescale(_decode(path), resize_size)
+
+
+def _rescale(image: tf.Tensor, resize_size: int) -> tf.Tensor:
   """The paper's down-sampling: shorter side to resize_size, then the central square (uint8)."""
-  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = resize_size / tf.reduce_min(shape)
   new = tf.cast(tf.math.round(shape * scale), tf.int32)
@@ -247,11 +255,38 @@ def readers(split: Split | Shards, resize_size: int):
 
     def window(i, y, x, size):
       image, label = whole(i)
-      crop = image[y : y + size, x : x + size]
-      crop.set_shape((size, size, 3))
-      return crop, label
+      return _crop(image, y, x, size), label
 
   return whole, window
+
+
+# Consecutive unreadable training images before the stream gives up. With a fraction f of the
+# images unreadable, a shuffled stream holds such a run with probability about f**1000 at any
+# point: never, unless nearly all are; and 1000 failed reads take about a second.
+MAX_UNREADABLE_RUN = 1000
+_UNREADABLE = tf.zeros([1, 1, 3], tf.uint8)  # rescales to a zero image
+
+
+def _decoded(ds: tf.data.Dataset, path_of, parallel: int) -> tf.data.Dataset:
+  """Elements e become (*e, pixels, readable): the decoded pixels of the file path_of(*e),
+  or a placeholder and readable=False where reading or decoding that file fails.
+
+  Only that one step's errors are caught (a missing, unreadable or corrupt file); any
+  other error, a bug, still raises. Each element gets a one-element dataset whose error,
+  if any, `ignore_errors` turns into the fallback that follows it; the interleave keeps
+  the order and decodes in parallel.
+  """
+
+  def attempt(*element):
+    read = tf.data.Dataset.from_tensors(element).map(lambda *e: (*e, _decode(path_of(*e)), True))
+    failed = tf.data.Dataset.from_tensors((*element, _UNREADABLE, False))
+    return read.ignore_errors().concatenate(failed).take(1)
+
+  return ds.interleave(attempt, num_parallel_calls=parallel, deterministic=True)
+
+
+def _crop(image: tf.Tensor, y, x, size: int) -> tf.Tensor:
+  return tf.ensure_shape(image[y : y + size, x : x + size], (size, size, 3))
 
 
 def pca_colour(alpha: tf.Tensor, stats: Stats) -> tf.Tensor:
@@ -297,7 +332,6 @@ def train_batches(
       f"the train split has {n} images, fewer than one global batch of {global_batch}; "
       "lower --config.batch_size or add images"
     )
-  _, window = readers(split, resize_size)
   seed = tf.constant(seed, tf.int64)
   mine = (
     tf.range(steps, dtype=tf.int64)[:, None] * global_batch
@@ -322,9 +356,8 @@ def train_batches(
       (pick(perm), pick(tf.stack([y, x], 1)), pick(flip), pick(colour))
     )
 
-  def load(ordinal, drawn):
-    index, offset, flip, colour = drawn
-    crop, label = window(index, offset[0], offset[1], image_size)
+  def element(ordinal, drawn, crop, label):
+    _, offset, flip, colour = drawn
     return {
       "image": crop,
       "label": label,
@@ -342,12 +375,42 @@ def train_batches(
     .skip(first % per_epoch)
     .enumerate(first)
   )
-  ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True).ignore_errors(
-    log_warning=True
-  )
-  return SkipCounter(
-    ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator(), first
-  )
+  parallel = dict(num_parallel_calls=num_parallel_calls, deterministic=True)
+  if isinstance(split, Shards):  # `prepare` wrote only images it could read: nothing to catch
+    _, window = readers(split, resize_size)
+
+    def load(ordinal, drawn):
+      index, offset, _, _ = drawn
+      return element(ordinal, drawn, *window(index, offset[0], offset[1], image_size))
+
+    ds = ds.map(load, **parallel)
+  else:
+    paths, labels = tf.constant(split.paths), tf.constant(split.labels)
+
+    def load(ordinal, drawn, pixels, readable):
+      index, offset, _, _ = drawn
+      crop = _crop(_rescale(pixels, resize_size), offset[0], offset[1], image_size)
+      out = element(ordinal, drawn, crop, tf.gather(labels, index))
+      return out | {"unreadable": tf.where(readable, tf.constant(-1, tf.int64), index)}
+
+    ds = _decoded(ds, lambda ordinal, drawn: tf.gather(paths, drawn[0]), num_parallel_calls)
+    ds = _drop_unreadable(ds.map(load, **parallel))
+  batches = ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator()
+  return SkipCounter(batches, first, getattr(split, "paths", ()))
+
+
+def _drop_unreadable(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Drops the elements whose 'unreadable' source index is >= 0, except once
+  MAX_UNREADABLE_RUN of them came in a row: from then on they pass, for SkipCounter to
+  raise on (a stream that drops everything would otherwise never yield)."""
+
+  def count(run, e):
+    run = tf.where(e["unreadable"] < 0, tf.constant(0, tf.int64), run + 1)
+    return run, (e, run)
+
+  ds = ds.scan(tf.constant(0, tf.int64), count)
+  ds = ds.filter(lambda e, run: (e["unreadable"] < 0) | (run >= MAX_UNREADABLE_RUN))
+  return ds.map(lambda e, run: e)
 
 
 class SkipCounter:
@@ -356,14 +419,21 @@ class SkipCounter:
 
   Resuming is exact up to such drops: prepared shards never hold an unreadable image."""
 
-  def __init__(self, batches: Iterator[dict], first: int):
-    self._batches, self._next, self.skipped = batches, first, 0
+  def __init__(self, batches: Iterator[dict], first: int, paths: Sequence[str] = ()):
+    self._batches, self._next, self._paths, self.skipped = batches, first, paths, 0
 
   def __iter__(self) -> "SkipCounter":
     return self
 
   def __next__(self) -> dict:
     batch = next(self._batches)
+    unreadable = batch.pop("unreadable", np.full(1, -1))
+    if unreadable.max() >= 0:
+      named = [self._paths[i] for i in unreadable[unreadable >= 0][:3]]
+      raise UserInputError(
+        f"{MAX_UNREADABLE_RUN} training images in a row could not be read (e.g. {named}): "
+        "replace or remove the corrupt or missing files under data_dir"
+      )
     ordinal = batch.pop("ordinal")
     self.skipped += int(ordinal[-1]) + 1 - self._next - len(ordinal)
     self._next = int(ordinal[-1]) + 1
@@ -393,7 +463,8 @@ def eval_batches(
   process_count: int = 1,
   num_parallel_calls: int = -1,
 ) -> Iterator[dict]:
-  """The whole split once, padded to full batches; 'mask' is 0 on padding.
+  """The whole split once, padded to full batches; 'mask' is 0 on padding and on the images
+  that could not be read (zeros in 'image'), counted in the iterator's `skipped`.
 
   'image' is uint8 (batch, H, W, 3) for one crop, (batch, 10, H, W, 3) for ten, with each
   patch's 'offset' and 'flip' for `augment.normalize`. Every process yields the same
@@ -407,24 +478,57 @@ def eval_batches(
   index = np.arange(process_index * per_host, process_index * per_host + num_batches * batch_size)
   mask = (index < min(n, (process_index + 1) * per_host)).astype(np.float32)
   index = np.where(mask > 0, index, 0)
-  whole, window = readers(split, resize_size)
   offsets = tf.constant([[y, x] for y, x, _ in windows], tf.int32)
   flips = tf.constant([f for _, _, f in windows])
 
-  def load(i, m):
-    if len(windows) == 1:
-      ((y, x, _),) = windows
-      image, label = window(i, y, x, image_size)
-      return {"image": image, "label": label, "offset": offsets[0], "flip": flips[0], "mask": m}
-    image, label = whole(i)
-    patches = tf.stack(
-      [
-        tf.ensure_shape(image[y : y + image_size, x : x + image_size], (image_size, image_size, 3))
-        for y, x, _ in windows
-      ]
-    )
-    return {"image": patches, "label": label, "offset": offsets, "flip": flips, "mask": m}
+  def element(patches, label, m):
+    one = len(patches) == 1
+    return {
+      "image": patches[0] if one else tf.stack(patches),
+      "label": label,
+      "offset": offsets[0] if one else offsets,
+      "flip": flips[0] if one else flips,
+      "mask": m,
+    }
 
   ds = tf.data.Dataset.from_tensor_slices((index, mask))
+  if isinstance(split, Shards):  # `prepare` wrote only images it could read: nothing to catch
+    whole, window = readers(split, resize_size)
+
+    def load(i, m):
+      if len(windows) == 1:  # the crop fused into the JPEG decode
+        ((y, x, _),) = windows
+        crop, label = window(i, y, x, image_size)
+        return element([crop], label, m)
+      image, label = whole(i)
+      return element([_crop(image, y, x, image_size) for y, x, _ in windows], label, m)
+  else:
+    paths, labels = tf.constant(split.paths), tf.constant(split.labels)
+
+    def load(i, m, pixels, readable):
+      image = _rescale(pixels, resize_size)
+      patches = [_crop(image, y, x, image_size) for y, x, _ in windows]
+      return element(patches, tf.gather(labels, i), m * tf.cast(readable, tf.float32))
+
+    ds = _decoded(ds, lambda i, m: tf.gather(paths, i), num_parallel_calls)
   ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
-  return ds.batch(batch_size).prefetch(2).as_numpy_iterator()
+  return UnreadableCounter(ds.batch(batch_size).prefetch(2).as_numpy_iterator(), mask)
+
+
+class UnreadableCounter:
+  """Evaluation batches, counting in `skipped` the images masked out because they could not
+  be read: those of the batches yielded so far, so all of them once the iterator is done."""
+
+  def __init__(self, batches: Iterator[dict], mask: np.ndarray):
+    self._batches, self._mask, self._seen, self.skipped = batches, mask, 0, 0
+
+  def __iter__(self) -> "UnreadableCounter":
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._batches)
+    mask = batch["mask"]
+    expected = self._mask[self._seen : self._seen + len(mask)]
+    self._seen += len(mask)
+    self.skipped += int(np.sum(expected > 0) - np.sum(mask > 0))
+    return batch

@@ -1,6 +1,7 @@
 """Image folders: formats, labels, crops, host shares, padding, determinism, resume, bad input."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -84,6 +85,62 @@ def test_eval_covers_the_split_once_with_padding(folder):
   ]
   assert len(shares[0]) == len(shares[1]) == 2
   assert sum(float(b["mask"].sum()) for s in shares for b in s) == 3
+
+
+@pytest.mark.parametrize("crops", [1, 10])
+def test_an_unreadable_eval_image_is_masked_out_and_counted(folder, crops):
+  _, val = ip.read_image_folder(folder)
+  clean = list(ip.eval_batches(val, batch_size=2, crops=crops, **ARGS))
+  with open(val.paths[1], "wb") as f:
+    f.write(b"not an image")
+  batches = ip.eval_batches(val, batch_size=2, crops=crops, **ARGS)
+  broken = list(batches)
+  assert batches.skipped == 1
+  assert [b["mask"].tolist() for b in broken] == [[1, 0], [1, 0]]
+  assert not broken[0]["image"][1].any()
+  for a, b in zip(clean, broken):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_array_equal(a["image"][b["mask"] > 0], b["image"][b["mask"] > 0])
+
+
+def first_batch_or_error(stream, timeout=60):
+  """next(stream), or the error it raised, within `timeout` s (a stream that hangs fails)."""
+  out = []
+
+  def run():
+    try:
+      out.append(next(stream))
+    except Exception as e:
+      out.append(e)
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  assert out, f"no batch and no error in {timeout} s"
+  return out[0]
+
+
+def test_unreadable_training_images_are_skipped_but_all_unreadable_is_an_error(tmp_path):
+  train = distinct_images(tmp_path)
+  (tmp_path / "train/c0/3.png").write_bytes(b"not an image")
+  stream = ip.train_batches(train, batch_size=2, seed=3, **PLAIN)
+  seen = [s for _ in range(7) for s in sources(next(stream))]
+  assert 20 + 25 * 3 not in seen and stream.skipped >= 1  # 14 of 16 ordinals: at least once
+  for path in train.paths:
+    with open(path, "wb") as f:
+      f.write(b"not an image")
+  error = first_batch_or_error(ip.train_batches(train, batch_size=2, seed=3, **PLAIN))
+  assert isinstance(error, UserInputError), error
+  assert "training images in a row could not be read" in str(error) and str(tmp_path) in str(error)
+
+
+def test_errors_other_than_unreadable_files_are_raised(folder, monkeypatch):
+  """A failure after the decode is a bug, not a bad file: the stream must not swallow it."""
+  train, _ = ip.read_image_folder(folder)
+  tf = ip.tf
+  monkeypatch.setattr(tf.image, "resize_with_crop_or_pad", lambda x, h, w: tf.reshape(x, [h, w, 3]))
+  error = first_batch_or_error(ip.train_batches(train, batch_size=2, seed=0, **PLAIN))
+  assert isinstance(error, tf.errors.InvalidArgumentError), error
 
 
 def train_stream(split, steps, **kw):
