@@ -3,8 +3,9 @@
 Training order is a pure function of (seed, epoch): every epoch is a fresh global
 permutation of the split, cut into equal disjoint shares, one per process, and every
 image's crop and flip are drawn from (seed, its position in the stream). A run restarted
-at step s therefore sees exactly the batches it would have seen. TensorFlow runs on the
-CPU only; it never takes an accelerator from JAX.
+at step s therefore sees exactly the batches it would have seen. A folder image that cannot
+be read is skipped in training and masked out in evaluation, and counted in both. TensorFlow
+runs on the CPU only; it never takes an accelerator from JAX.
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ def _decoded(ds: tf.data.Dataset, path_of, parallel: int) -> tf.data.Dataset:
   def attempt(*element):
     read = tf.data.Dataset.from_tensors(element).map(lambda *e: (*e, _decode(path_of(*e)), True))
     failed = tf.data.Dataset.from_tensors((*element, _UNREADABLE, False))
-    return read.ignore_errors().concatenate(failed).take(1)
+    return read.ignore_errors(log_warning=True).concatenate(failed).take(1)
 
   return ds.interleave(attempt, num_parallel_calls=parallel, deterministic=True)
 
