@@ -126,8 +126,7 @@ def build(
   params = model.clone(mesh=None).init(
     jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))
   )["params"]
-  # The plateau schedule's memory is untouched by the step: an empty dict keeps the state lean.
-  state = steps.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), plateau={})
+  state = steps.new_state(params, tx.init(params))
   train_batch, eval_batch = (synthetic_batch(case.batch_size, image_size, t) for t in (True, False))
   if batches is not None:
     train_batch = next(batches)

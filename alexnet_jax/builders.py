@@ -11,11 +11,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from alexnet_jax import optim, sharding
+from alexnet_jax import optim, sharding, steps
 from alexnet_jax.models import AlexNet
 from alexnet_jax.steps import TrainState
 
@@ -71,9 +70,8 @@ def _init_fn(
 
   def init() -> TrainState:
     params = unsharded.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))
-    plateau = {"best": jnp.float32(np.inf), "bad_evals": jnp.int32(0), "drops": jnp.int32(0)}
     params = params["params"]
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), plateau=plateau)
+    return steps.new_state(params, tx.init(params))
 
   return init
 

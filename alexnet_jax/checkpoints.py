@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from alexnet_jax import files
 from alexnet_jax.errors import UserInputError
 
 BEST_METRIC = "val/top1_error"
@@ -119,8 +120,7 @@ def read_params(path: str, step: int | None = None, target: Any = None) -> tuple
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  files.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict | None:

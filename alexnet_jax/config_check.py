@@ -83,6 +83,10 @@ def check_config(
     )
   if config.eval_crops not in (1, 10):
     bad(f"eval_crops={config.eval_crops}; use 1 (centre crop) or 10 (the paper's ten patches)")
+  if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+    bad(f"learning_rate={config.learning_rate} must be a positive finite number")
+  if not 0 <= config.momentum < 1:
+    bad(f"momentum={config.momentum} must be in [0, 1)")
   if config.pca_noise_std < 0:
     bad(f"pca_noise_std={config.pca_noise_std} must be >= 0 (0 turns the colour noise off)")
   if config.num_classes < 1:

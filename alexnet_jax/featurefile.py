@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from alexnet_jax import files
 from alexnet_jax.errors import UserInputError
 
 _ROW_DTYPES = {"top5_index": np.int32, "top5_prob": np.float32, "path": np.str_, "label": np.int32}
@@ -61,13 +62,14 @@ class Writer:
 
   def close(self, classes: Sequence[str] | None, step: int) -> None:
     try:
-      np.savez(
-        self.path,
-        fc7=self._fc7[: self.count],
-        **{k: np.concatenate(v) for k, v in self._small.items()},
-        classes=np.asarray(tuple(classes or ()), str),
-        step=np.int64(step),
-      )
+      with files.atomic_path(self.path) as tmp:
+        np.savez(
+          tmp,
+          fc7=self._fc7[: self.count],
+          **{k: np.concatenate(v) for k, v in self._small.items()},
+          classes=np.asarray(tuple(classes or ()), str),
+          step=np.int64(step),
+        )
     finally:
       self.discard()
 

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from alexnet_jax import files
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.models import LAYERS, make_arch, param_shapes
 
@@ -386,16 +387,19 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def write_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes under a temporary name first: an export killed mid-write leaves no bad file."""
   suffix = os.path.splitext(path)[1].lower()
   if suffix in (".pth", ".pt"):
     torch = _need("torch", path)
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
+    with files.atomic_path(path) as tmp:
+      torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp)
   elif suffix == ".safetensors":
-    _need("safetensors.numpy", path).save_file(
-      {k: np.ascontiguousarray(v) for k, v in tensors.items()}, path
-    )
+    save_file = _need("safetensors.numpy", path).save_file
+    with files.atomic_path(path) as tmp:
+      save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
   elif suffix == ".npz":
-    np.savez(path, **tensors)
+    with files.atomic_path(path) as tmp:
+      np.savez(tmp, **tensors)
   else:
     raise UserInputError(
       f"unknown weights format {suffix or path!r} of {path}; use {', '.join(STATE_DICT_SUFFIXES)}"

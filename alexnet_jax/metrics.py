@@ -9,8 +9,11 @@ import json
 import math
 import os
 import time
+from typing import Callable
 
 from absl import logging
+
+from alexnet_jax import files
 
 
 def _plain(value):
@@ -56,16 +59,15 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def truncate_after(workdir: str, step: int) -> None:
-  """Drops the records past `step`: what a killed run logged after its last checkpoint, so
+def keep_records(workdir: str, keep: Callable[[dict], bool]) -> None:
+  """Drops the records `keep` refuses (what a killed run logged after its last checkpoint), so
   that a resumed run's metrics.jsonl reads as if it had never been interrupted."""
   records = read_metrics(workdir)
-  kept = [r for r in records if r["step"] <= step]
+  kept = [r for r in records if keep(r)]
   if len(kept) < len(records):
-    tmp = os.path.join(workdir, "metrics.jsonl.tmp")
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, os.path.join(workdir, "metrics.jsonl"))
+    files.write_text(
+      os.path.join(workdir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept)
+    )
 
 
 def _duration(seconds: float) -> str:

@@ -27,8 +27,13 @@ def paper_sgd(
 ) -> optax.GradientTransformation:
   """The update rule; the current rate is readable (and, for plateau, settable) in
   `opt_state.hyperparams['learning_rate']`. Weight decay skips biases unless `decay_biases`
-  (cuda-convnet decayed only weights). The top-level entries (layers) named in `frozen` get
-  no update at all, weight decay included."""
+  (cuda-convnet decayed only weights).
+
+  The top-level entries (layers) named in `frozen` get no update, weight decay included, and
+  gather no momentum: their gradient is zeroed before the momentum as well as after it, so a
+  layer unfrozen later (a resume with another `freeze_all_but_last`) starts from rest instead
+  of receiving at once the momentum of every step it sat out.
+  """
 
   def rule(learning_rate):
     mask = (
@@ -40,18 +45,20 @@ def paper_sgd(
         )
       )
     )
+    # Always in the chain, even with nothing frozen, so the optimizer state has one structure
+    # and a checkpoint restores whatever is frozen.
+    freeze = optax.masked(
+      optax.set_to_zero(),
+      lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[0], "key", None) in frozen, params
+      ),
+    )
     return optax.chain(
       optax.add_decayed_weights(weight_decay, mask),  # g + wd * w
       optax.scale_by_learning_rate(learning_rate, flip_sign=True),  # -lr * (g + wd * w)
+      freeze,  # no momentum gathers in a frozen layer
       optax.trace(decay=momentum),  # v <- momentum * v - lr * (g + wd * w)
-      # Always in the chain, even with nothing frozen, so the optimizer state has one
-      # structure and a checkpoint restores whatever is frozen.
-      optax.masked(
-        optax.set_to_zero(),
-        lambda params: jax.tree_util.tree_map_with_path(
-          lambda path, _: getattr(path[0], "key", None) in frozen, params
-        ),
-      ),
+      freeze,  # nor does momentum from an unfrozen past move it
     )
 
   return optax.inject_hyperparams(rule)(learning_rate=learning_rate)

@@ -24,6 +24,51 @@ class TrainState:
   params: Any
   opt_state: Any
   plateau: dict  # the plateau schedule's memory: best val error, evaluations since, drops
+  # The log's memory, saved with the checkpoint so that a resumed run logs what an
+  # uninterrupted one would, whatever the log and checkpoint intervals: sums of the metrics
+  # of the finite steps since the last log line, and the run's counters (see `new_state`).
+  log: dict
+
+
+LOGGED = ("train/loss", "train/top1_error", "learning_rate")  # averaged over each log interval
+
+
+def _sum_key(name: str) -> str:
+  return "sum_" + name.split("/")[-1]  # no '/': orbax would take it for a folder
+
+
+INTERVAL_KEYS = tuple(_sum_key(k) for k in LOGGED) + ("finite_steps",)  # reset at each log line
+COUNTERS = ("skipped_steps", "skipped_images", "first_nonfinite", "eval_pending")
+
+
+def new_log() -> dict:
+  """The log's memory at step 0.
+
+  sum_*: the sums of LOGGED over the finite steps since the last log line, `finite_steps`
+  of them. skipped_steps: non-finite steps skipped (whole run). skipped_images: unreadable
+  training images (whole run, set by the train loop). first_nonfinite: the first step whose
+  loss, gradients or parameters were NaN/Inf (0: none). eval_pending: 1 when the
+  checkpoint's step is an evaluation step whose evaluation has not run yet (a preempted run
+  evaluates it on resume).
+  """
+  sums = {k: jnp.float32(0) for k in INTERVAL_KEYS[:-1]}
+  return sums | {k: jnp.int32(0) for k in INTERVAL_KEYS[-1:] + COUNTERS}
+
+
+def new_state(params: Any, opt_state: Any) -> TrainState:
+  """Step 0 of training: no plateau seen yet (best error +inf), an empty log."""
+  plateau = {"best": jnp.float32(jnp.inf), "bad_evals": jnp.int32(0), "drops": jnp.int32(0)}
+  return TrainState(jnp.int32(0), params, opt_state, plateau, new_log())
+
+
+def log_means(log: dict) -> dict:
+  """The LOGGED metrics averaged over the finite steps of the interval (NaN if none was)."""
+  n = int(log["finite_steps"])
+  return {k: float(log[_sum_key(k)]) / n if n else float("nan") for k in LOGGED}
+
+
+def all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -35,8 +80,10 @@ def make_train_step(
 ):
   """One SGD step; dropout's randomness is a function of (seed, step) only.
 
-  'finite' in the metrics says whether the loss and every gradient were finite; with
-  `skip_nonfinite` such a step leaves the parameters and optimizer state as they were.
+  'finite' in the metrics says whether the loss, every gradient and every updated parameter
+  were finite (a finite gradient can still overflow a parameter); with `skip_nonfinite` such
+  a step leaves the parameters and optimizer state as they were. Finite steps add their
+  metrics to `state.log`'s sums; the first non-finite one is noted there.
   """
 
   def train_step(state: TrainState, batch: dict, mean_image: jax.Array) -> tuple[TrainState, dict]:
@@ -48,25 +95,29 @@ def make_train_step(
       return jnp.mean(cross_entropy(logits, batch["label"])), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jnp.isfinite(loss) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
-    )
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
     if skip_nonfinite:
       keep = lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf)
-      new = new.replace(
-        params=jax.tree.map(keep, new.params, state.params),
-        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
-      )
-    return new, {
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = {
       "train/loss": loss,
       "train/top1_error": jnp.mean(jnp.argmax(logits, -1) != batch["label"]),
       "learning_rate": opt_state.hyperparams["learning_rate"],
-      "finite": finite,
     }
+    step = state.step + 1
+    log = dict(state.log)
+    for k in LOGGED:
+      log[_sum_key(k)] += jnp.where(finite, metrics[k], 0).astype(jnp.float32)
+    log["finite_steps"] += finite.astype(jnp.int32)
+    log["skipped_steps"] += (~finite & skip_nonfinite).astype(jnp.int32)
+    if not skip_nonfinite:  # (skipped steps are counted instead)
+      noted = log["first_nonfinite"] > 0
+      log["first_nonfinite"] = jnp.where(finite | noted, log["first_nonfinite"], step)
+    new = state.replace(step=step, params=params, opt_state=opt_state, log=log)
+    return new, metrics | {"finite": finite}
 
   return train_step
 

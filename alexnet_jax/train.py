@@ -14,7 +14,6 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
@@ -43,13 +42,12 @@ def to_global(batch: dict, batch_sharding: NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
 
-def prefetch_to_device(
-  batches: Iterator[dict], batch_sharding: NamedSharding, size: int = 2
-) -> Iterator[dict]:
-  """Keeps `size` batches already transferred to the devices while the current step runs."""
+def prefetch(items: Iterator, size: int = 2) -> Iterator:
+  """Keeps `size` items made ahead (batches already on their way to the devices) while the
+  current step runs."""
   queue = collections.deque()
-  for batch in batches:
-    queue.append(to_global(batch, batch_sharding))
+  for item in items:
+    queue.append(item)
     if len(queue) >= size:
       yield queue.popleft()
   while queue:
@@ -65,7 +63,7 @@ def evaluate(
 ) -> dict:
   """Loss and top-1/top-5 error over the whole split; one host sync, at the end."""
   totals = None
-  for batch in prefetch_to_device(batches, batch_sharding):
+  for batch in prefetch(to_global(b, batch_sharding) for b in batches):
     out = eval_step(params, batch, mean_image)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
@@ -74,6 +72,7 @@ def evaluate(
     "val/loss": totals["loss"] / n,
     "val/top1_error": totals["top1_wrong"] / n,
     "val/top5_error": totals["top5_wrong"] / n,
+    "val/skipped_images": batches.skipped,  # unreadable, left out of the figures above
   }
 
 
@@ -91,13 +90,22 @@ def _apply_plateau(
       "validation error stopped improving: learning rate now %.2e", float(hyper["learning_rate"])
     )
   return state.replace(
-    opt_state=state.opt_state._replace(hyperparams=hyper),
-    plateau={
-      "best": jnp.float32(plateau["best"]),
-      "bad_evals": jnp.int32(plateau["bad_evals"]),
-      "drops": jnp.int32(plateau["drops"]),
-    },
+    opt_state=state.opt_state._replace(hyperparams=hyper), plateau=_placed(plateau, state.plateau)
   )
+
+
+def _placed(values: dict, like: dict) -> dict:
+  """Host values as state leaves: each with the dtype and sharding of the leaf it replaces
+  (replicated scalars), so the jitted step takes them as they are, on any number of hosts."""
+  return {k: jnp.full((), v, like[k].dtype, device=like[k].sharding) for k, v in values.items()}
+
+
+def _with_log(state: TrainState, **values) -> TrainState:
+  return state.replace(log=state.log | _placed(values, state.log))
+
+
+def _is_eval(record: dict) -> bool:
+  return any(k.startswith("val/") for k in record)
 
 
 @dataclasses.dataclass
@@ -147,7 +155,8 @@ class _Job:
     )
 
   def evaluate(self, params: Any) -> dict:
-    """Loss, top-1 and top-5 error over the whole validation split (config.eval_crops patches)."""
+    """Loss, top-1 and top-5 error over the whole validation split (config.eval_crops patches);
+    unreadable images are left out and counted."""
     batches = input_pipeline.eval_batches(
       self.val_split, crops=self.config.eval_crops, **self.data_args
     )
@@ -228,14 +237,7 @@ def evaluate_checkpoint(
 
 
 class NonFiniteLoss(UserInputError):
-  """The loss or a gradient became NaN or Inf: the run stops before saving the broken state."""
-
-
-def _first_nonfinite(records: list[dict], first_step: int) -> int | None:
-  for i, record in enumerate(records):
-    if not record["finite"]:
-      return first_step + i
-  return None
+  """The loss, a gradient or a parameter became NaN or Inf: the run stops before saving it."""
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -253,10 +255,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   elif config.init_from:
     state = state.replace(params=pretrained.init_params(config, state.params))
   start = int(state.step)
+  eval_pending = bool(state.log["eval_pending"])  # stopped before this step's evaluation
   if lead:
     checkpoints.save_config(job.workdir, config)
     input_pipeline.save_stats(job.workdir, job.stats)
-    metrics.truncate_after(job.workdir, start)  # lines a killed run wrote past its last checkpoint
+    # Lines a killed run wrote past its last checkpoint, and an evaluation that will be redone.
+    metrics.keep_records(
+      job.workdir,
+      lambda r: r["step"] < start or (r["step"] == start and not (eval_pending and _is_eval(r))),
+    )
 
   train_step = job.steps[0]
   writer = metrics.MetricWriter(job.workdir, enabled=lead)
@@ -269,7 +276,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step=start,
     **job.data_args,
   )
-  batches = prefetch_to_device(stream, job.batch_sharding)
+  skipped_before = int(state.log["skipped_images"])  # by the runs this one resumes
+  # Each batch on its way to the devices, with the unreadable images skipped up to it.
+  batches = prefetch(
+    (to_global(b, job.batch_sharding), skipped_before + stream.skipped) for b in stream
+  )
   logging.info(
     "training %s for %d steps (%d per epoch) on a %s mesh, from step %d",
     config.model.variant,
@@ -278,56 +289,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dict(job.mesh.shape),
     start,
   )
-  pending, last_eval, skipped_steps = [], {}, 0
+  last_eval = {}
 
-  def check(records: list[dict], first_step: int) -> int:
-    """Raises on a non-finite step (unless skipping them); returns how many were skipped."""
-    bad = _first_nonfinite(records, first_step)
-    if bad is not None and not config.skip_nonfinite_steps:
+  def check(log: dict) -> None:
+    """Stops at a non-finite step (unless skipping them) before anything of it is saved."""
+    bad = int(log["first_nonfinite"])
+    if bad:
       raise NonFiniteLoss(
-        f"the loss or a gradient became NaN/Inf at step {bad}; no checkpoint of that state was "
-        f"written (the last good one is in {mgr.directory}): lower --config.learning_rate, or "
-        "set --config.skip_nonfinite_steps=True to skip such steps"
+        f"the loss, a gradient or a parameter became NaN/Inf at step {bad}; no checkpoint of "
+        f"that state was written (the last good one is in {mgr.directory}): lower "
+        "--config.learning_rate, or set --config.skip_nonfinite_steps=True to skip such steps"
       )
-    return sum(not r["finite"] for r in records)
+
+  def save(step: int, state: TrainState, skipped: int, result: dict | None = None) -> None:
+    best = {checkpoints.BEST_METRIC: result["val/top1_error"]} if result else None
+    checkpoints.save(mgr, step, _with_log(state, skipped_images=skipped), metrics=best)
+
+  def evaluate_at(step: int, state: TrainState, skipped: int | None) -> tuple[TrainState, dict]:
+    """The step's evaluation, then the plateau rule. An evaluation that fails first saves
+    the step (`skipped` given: no checkpoint of it yet), its evaluation pending."""
+    try:
+      result = job.evaluate(state.params)
+    except BaseException:
+      if skipped is not None:
+        save(step, _with_log(state, eval_pending=1), skipped)
+      raise
+    writer.write(step, result)
+    _log_eval(step, result)
+    if config.lr_schedule == "plateau":
+      state = _apply_plateau(state, result["val/top1_error"], config)
+    return _with_log(state, eval_pending=0), result
 
   with preemption.Watcher() as watcher:
     try:
+      if eval_pending:
+        state, last_eval = evaluate_at(start, state, None)
       for step in range(start + 1, total_steps + 1):
-        state, step_metrics = train_step(state, next(batches), job.mean_image)
-        pending.append(step_metrics)
+        batch, skipped = next(batches)
+        state, _ = train_step(state, batch, job.mean_image)
         log_now = step % config.log_every_steps == 0 or step == total_steps
         stop = watcher.requested(step, config.log_every_steps)
         save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or stop
+        eval_now = step % config.eval_every_steps == 0 or step == total_steps
         if log_now or save_now:
-          records = jax.device_get(pending)
-          skipped_steps += check(records, step - len(records) + 1)
+          log = jax.device_get(state.log)
+          check(log)
         if log_now:
-          summary = {
-            k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"
-          }
+          summary = steps.log_means(log)
           summary["images_per_sec"] = progress.images_per_sec(step, config.batch_size)
-          summary["train/skipped_images"] = stream.skipped
+          summary["train/skipped_images"] = skipped
           if config.skip_nonfinite_steps:
-            summary["train/skipped_steps"] = skipped_steps
+            summary["train/skipped_steps"] = int(log["skipped_steps"])
           writer.write(step, summary)
           progress.log(step, summary)
-        if log_now or save_now:
-          pending = []
-        evaluated = (step % config.eval_every_steps == 0 or step == total_steps) and not stop
-        if evaluated:
-          last_eval = job.evaluate(state.params)
-          writer.write(step, last_eval)
-          _log_eval(step, last_eval)
-          if config.lr_schedule == "plateau":
-            state = _apply_plateau(state, last_eval["val/top1_error"], config)
+          state = _with_log(state, **dict.fromkeys(steps.INTERVAL_KEYS, 0))
+        result = None
+        if eval_now and stop:  # leave promptly: the resumed run evaluates this step first
+          state = _with_log(state, eval_pending=1)
+        elif eval_now:
+          state, result = evaluate_at(step, state, skipped)
+          last_eval = result
         if save_now:
-          checkpoints.save(
-            mgr,
-            step,
-            state,
-            metrics={checkpoints.BEST_METRIC: last_eval["val/top1_error"]} if evaluated else None,
-          )
+          save(step, state, skipped, result)
         if stop:
           logging.warning(
             "%s received: saved a checkpoint at step %d; rerun the same command to continue",
@@ -335,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             step,
           )
           break
-      if start >= total_steps:  # already trained: report the checkpoint's quality
+      if start >= total_steps and not last_eval:  # already trained: the checkpoint's quality
         last_eval = job.evaluate(state.params)
     finally:
       mgr.wait_until_finished()

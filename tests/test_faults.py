@@ -9,9 +9,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import main_flags, params_of, small_config, start
+from conftest import main_flags, params_of, random_params, small_config, start
 
-from alexnet_jax import checkpoints, metrics, train
+from alexnet_jax import bench, checkpoints, metrics, optim, steps, train
+from alexnet_jax.models import AlexNet
 
 # Fault tests log every step and save and evaluate every 4.
 SETTINGS = dict(log_every_steps=1, eval_every_steps=4, checkpoint_every_steps=4)
@@ -141,3 +142,40 @@ def test_an_unreadable_image_is_skipped_and_counted(tmp_path, data_dir):
   train.train_and_evaluate(config, str(tmp_path / "run"))
   last = [r for r in metrics.read_metrics(str(tmp_path / "run")) if "train/loss" in r][-1]
   assert 1 <= last["train/skipped_images"] <= 2  # once per presentation
+
+
+def test_a_step_that_overflows_the_parameters_is_not_finite():
+  """An infinite rate: the loss and gradients are finite, the updated parameters are not. The
+  step says so, and notes its number for the train loop, which then saves nothing of it."""
+  model = AlexNet(num_classes=10)
+  params = random_params(model, 67)
+  tx = optim.paper_sgd(float("inf"))
+  step = jax.jit(steps.make_train_step(model, tx, seed=0))
+  state, out = step(
+    steps.new_state(params, tx.init(params)),
+    bench.synthetic_batch(4, 67, train=True),
+    np.zeros((67, 67, 3), np.float32),
+  )
+  assert np.isfinite(out["train/loss"]) and not out["finite"]
+  assert int(state.log["first_nonfinite"]) == 1
+
+
+def test_a_failed_evaluation_saves_its_step_first(copy_run, data_dir, monkeypatch):
+  """The evaluation at step 3 raises: step 3 is saved anyway, its evaluation pending, and the
+  rerun evaluates step 3 first, once, before going on."""
+  workdir = copy_run()
+  config = config_for(data_dir, num_train_steps=4, eval_every_steps=3, checkpoint_every_steps=4)
+
+  def broken(self, params):
+    raise OSError("the validation disk went away")
+
+  with monkeypatch.context() as m:
+    m.setattr(train._Job, "evaluate", broken)
+    with pytest.raises(OSError, match="validation disk"):
+      train.train_and_evaluate(config, workdir)
+  mgr = checkpoints.manager(workdir, 3)
+  assert mgr.all_steps() == [2, 3]
+  mgr.close()
+  train.train_and_evaluate(config, workdir)
+  evals = [r["step"] for r in metrics.read_metrics(workdir) if "val/top1_error" in r]
+  assert evals == [2, 3, 4]

@@ -6,6 +6,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import paper_params, params_of, random_torchvision, small_config
 
@@ -66,6 +67,28 @@ def test_frozen_layers_get_no_update():
   assert jax.tree.structure(tx.init(params)) == jax.tree.structure(
     builders.create_optimizer(config, 10, 100).init(params)
   )
+
+
+def test_frozen_layers_gather_no_momentum():
+  """A resume that unfreezes a layer starts it from rest: its first update is one step's
+  alone, not the momentum of every step it sat out frozen."""
+  params = {name: {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)} for name in LAYERS}
+  grads = jax.tree.map(jnp.ones_like, params)
+  config = quickstart.get_config()
+  config.freeze_all_but_last, config.lr_schedule = 2, "constant"
+  tx = builders.create_optimizer(config, 10, 100)
+  opt_state = tx.init(params)
+  for _ in range(3):
+    _, opt_state = tx.update(grads, opt_state, params)
+  momentum = optax.tree_utils.tree_get(opt_state, "trace")
+  for name in LAYERS:
+    gathered = any(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(momentum[name]))
+    assert gathered == (name in ("fc7", "fc8")), name
+  config.freeze_all_but_last = 0
+  updates, _ = builders.create_optimizer(config, 10, 100).update(grads, opt_state, params)
+  lr, wd = config.learning_rate, config.weight_decay
+  np.testing.assert_array_equal(updates["conv1"]["bias"], np.float32(-lr) * grads["conv1"]["bias"])
+  np.testing.assert_allclose(updates["conv1"]["kernel"], -lr * (1 + wd), rtol=1e-6)
 
 
 def test_init_from_a_file_loads_all_but_fc8(tmp_path, fresh, caplog):

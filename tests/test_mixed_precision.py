@@ -19,7 +19,7 @@ from configs import quickstart
 def test_bfloat16_step_computes_low_and_keeps_float32_state():
   tx = optim.paper_sgd(1.0)  # large steps, so that float32 resolves their differences
   params = random_params(AlexNet(num_classes=10), 67)
-  state = steps.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), plateau={})
+  state = steps.new_state(params, tx.init(params))
   batch = bench.synthetic_batch(8, 67, train=True)
   mean = jnp.full((67, 67, 3), 120.0)
   out = {}
