@@ -68,6 +68,10 @@ def evaluate(
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   n = float(totals["count"])
+  if not n:
+    raise UserInputError(
+      f"none of the {batches.skipped} validation images could be read: fix or replace them"
+    )
   return {
     "val/loss": totals["loss"] / n,
     "val/top1_error": totals["top1_wrong"] / n,

@@ -55,20 +55,6 @@ def test_one_training_step_and_evaluation(trained_run, data_dir):
   assert not np.allclose(state.params["fc8"]["kernel"], init.params["fc8"]["kernel"])
 
 
-def test_resume_continues_from_the_saved_step(copy_run, tmp_path, data_dir):
-  """2 steps (the shared run), resumed to 3, equal a straight 3-step run bit for bit. The
-  schedule is constant: it does not depend on the run's length, so 2 + 1 steps equal 3."""
-  resumed, straight = copy_run(), str(tmp_path / "straight")
-  config = small_config(data_dir, num_train_steps=3)
-  train.train_and_evaluate(config, resumed)
-  train.train_and_evaluate(config, straight)
-  assert [r["step"] for r in train_lines(resumed)] == [1, 2, 3]
-  a, b = final_state(resumed, config), final_state(straight, config)
-  assert int(a.step) == int(b.step) == 3
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-    np.testing.assert_array_equal(x, y)  # same batches, same dropout: bit-identical
-
-
 def initial_params(config):
   """The seeded parameters a run of `config` starts from, on one device."""
   state, _ = builders.initial_state(
