@@ -5,6 +5,7 @@ Everything in the environment is set before JAX is imported, so that subprocesse
 notebook kernels the tests start inherit it.
 """
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -91,6 +92,18 @@ def main_flags(data_dir: str, workdir: str, **overrides) -> list[str]:
   return [f"--workdir={workdir}", "--config=configs/quickstart.py"] + [
     f"--config.{k}={v}" for k, v in settings.items()
   ]
+
+
+def need_torch(module: str = "torch"):
+  """`module` (torch or torchvision), imported. Where it is missing the test skips, but under
+  ALEXNET_JAX_REQUIRE_TORCH=1 (.ci/run) it fails: the claims checked against PyTorch must
+  not pass CI unrun."""
+  if os.environ.get("ALEXNET_JAX_REQUIRE_TORCH") != "1":
+    return pytest.importorskip(module, reason=f"{module} is not installed (.ci/run installs it)")
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    pytest.fail(f"ALEXNET_JAX_REQUIRE_TORCH=1 and {e}")
 
 
 def _with_devices(xla_flags: str, devices: int) -> str:

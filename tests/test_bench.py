@@ -8,7 +8,7 @@ import sys
 
 import jax
 import pytest
-from conftest import ROOT
+from conftest import ROOT, need_torch
 
 from alexnet_jax import backend, bench
 from alexnet_jax.models import AlexNet
@@ -115,7 +115,7 @@ def test_bench_command_prints_json_last_and_imports_no_tensorflow():
 @pytest.mark.parametrize("no_torch", [True, False])
 def test_cpu_vs_torch_times_torch_only_where_installed(no_torch):
   if not no_torch:
-    pytest.importorskip("torch")
+    need_torch()
   lines = run_command(
     "runpy.run_path('benchmarks/cpu_vs_torch.py', run_name='__main__')",
     ["--batch_size=2", "--rounds=1", "--round_seconds=0.01"],

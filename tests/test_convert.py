@@ -1,5 +1,5 @@
 """Published weights in and out: numpy reference forward passes, exact round trips, files,
-the restricted unpickler, PyTorch itself where installed, the command line."""
+the restricted unpickler, PyTorch and torchvision themselves (required in CI), the command line."""
 
 import importlib
 import os
@@ -14,6 +14,7 @@ from conftest import (
   TORCHVISION_SHAPES,
   apply,
   assert_close,
+  need_torch,
   normal,
   paper_params,
   random_torchvision,
@@ -243,7 +244,8 @@ def test_round_trips_are_exact(torchvision_sd):
   "suffix", [".npz", ".safetensors", pytest.param(".pth", marks=pytest.mark.slow)]
 )
 def test_state_dict_files_round_trip(tmp_path, suffix, torchvision_sd):
-  pytest.importorskip({".npz": "numpy", ".safetensors": "safetensors", ".pth": "torch"}[suffix])
+  if suffix == ".pth":
+    need_torch()
   sd = torchvision_sd
   path = str(tmp_path / f"alexnet{suffix}")
   layouts.write_state_dict(sd, path)
@@ -433,25 +435,46 @@ def test_torchvision_and_caffe_files_import_with_their_configs(tmp_path, torchvi
   )
 
 
-# PyTorch itself, where it is installed.
+# PyTorch itself: where it is installed, and always in CI (`need_torch`).
 
 
-def test_torch_nets_give_the_same_logits():
-  torch = pytest.importorskip(
-    "torch", reason="torch is not installed: pip install torch==2.13.0 (CPU) to run"
-  )
-  from alexnet_jax import torch_nets
+def import_torchvision():
+  """torchvision, for its AlexNet (plain torch.nn). PyPI's torchvision 0.28 is built for
+  CUDA's torch: beside the CPU torch, its C++ ops do not load, which torchvision allows for
+  everywhere but in two fake kernels it registers on import (nms, qnms). Declared here, they
+  let it import; AlexNet runs none of its ops."""
+  torch = need_torch()
+  try:
+    return need_torch("torchvision")
+  except RuntimeError as e:  # "operator torchvision::nms does not exist"
+    if "torchvision::nms" not in str(e):
+      raise
+  for op in ("nms", "qnms"):
+    torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou) -> Tensor")
+  return need_torch("torchvision")
 
-  torch.manual_seed(0)
+
+def test_torchvision_alexnet_gives_the_same_logits(torchvision_sd):
+  """torchvision's own AlexNet runs our export (every key and shape: loaded strictly) to our
+  logits. Import is its exact inverse (test_round_trips_are_exact)."""
+  torch, torchvision = need_torch(), import_torchvision()
+  params = layouts.from_torchvision(torchvision_sd)
+  net = torchvision.models.alexnet(weights=None, num_classes=10).eval()
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in layouts.to_torchvision(params).items()})
   x = np.random.default_rng(7).normal(size=(4, 3, 224, 224)).astype(np.float32)
-  net = torch_nets.TorchvisionAlexNet(num_classes=10).eval()
   with torch.no_grad():
     ref = net(torch.from_numpy(x)).numpy()
-  params = layouts.from_torchvision({k: v.numpy() for k, v in net.state_dict().items()})
   ours = apply(
     AlexNet(num_classes=10, variant="torchvision"), {"params": params}, x.transpose(0, 2, 3, 1)
   )
   assert_close(ours, ref, rtol=1e-4)  # PyTorch's kernels against XLA's
+
+
+def test_grouped_export_gives_pytorchs_logits():
+  """The paper's net exported with groups=2 into `torch_nets.GroupedAlexNet` (torchvision has
+  no grouped AlexNet; the benchmark's PyTorch baseline is this net)."""
+  torch = need_torch()
+  from alexnet_jax import torch_nets
 
   params = paper_params(99, num_classes=10)  # pool5 2x2: fc6's CHW order matters
   grouped = torch_nets.GroupedAlexNet(num_classes=10, pool5_side=2).eval()
@@ -465,9 +488,7 @@ def test_torch_nets_give_the_same_logits():
 
 
 def test_torch_pth_is_read_with_weights_only(tmp_path):
-  torch = pytest.importorskip(
-    "torch", reason="torch is not installed: pip install torch==2.13.0 (CPU) to run"
-  )
+  torch = need_torch()
   path = str(tmp_path / "evil.pth")
   torch.save({"features.0.weight": torch.zeros(1), "x": _Exploit(tmp_path / "pwned")}, path)
   with pytest.raises(UserInputError, match="weights_only=True"):
