@@ -1,7 +1,8 @@
-"""The PyTorch side of `convert`: the two AlexNets its state dicts load into, in plain torch.nn.
+"""The PyTorch side of `convert`: the grouped AlexNet its state dicts load into, in plain
+torch.nn (torchvision's own `alexnet()` takes the one-tower exports; torchvision has no
+grouped AlexNet).
 
 Needs torch (optional: only this module and the .pth files use it).
-- `TorchvisionAlexNet`: the modules and keys of torchvision.models.alexnet.
 - `GroupedAlexNet`: the paper's net as one PyTorch module, the towers as groups=2 in conv2,
   conv4 and conv5; keys conv1.weight ... fc8.bias, as `convert.to_torch_grouped` writes:
 
@@ -18,41 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet_jax.models import make_arch
-
-
-class TorchvisionAlexNet(nn.Module):
-  """torchvision.models.alexnet without torchvision."""
-
-  def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
-    super().__init__()
-    self.features = nn.Sequential(
-      nn.Conv2d(3, 64, 11, 4, 2),
-      nn.ReLU(inplace=True),
-      nn.MaxPool2d(3, 2),
-      nn.Conv2d(64, 192, 5, padding=2),
-      nn.ReLU(inplace=True),
-      nn.MaxPool2d(3, 2),
-      nn.Conv2d(192, 384, 3, padding=1),
-      nn.ReLU(inplace=True),
-      nn.Conv2d(384, 256, 3, padding=1),
-      nn.ReLU(inplace=True),
-      nn.Conv2d(256, 256, 3, padding=1),
-      nn.ReLU(inplace=True),
-      nn.MaxPool2d(3, 2),
-    )
-    self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-    self.classifier = nn.Sequential(
-      nn.Dropout(dropout),
-      nn.Linear(256 * 6 * 6, 4096),
-      nn.ReLU(inplace=True),
-      nn.Dropout(dropout),
-      nn.Linear(4096, 4096),
-      nn.ReLU(inplace=True),
-      nn.Linear(4096, num_classes),
-    )
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 class _TowerLRN(nn.Module):
