@@ -100,10 +100,6 @@ def _decode(path: tf.Tensor) -> tf.Tensor:
   return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
 
 
-def _decode_and_rescale(path: tf.Tensor, resize_size: int) -> tf.Tensor:
-  return _rescale(_decode(path), resize_size)
-
-
 def _rescale(image: tf.Tensor, resize_size: int) -> tf.Tensor:
   """The paper's down-sampling: shorter side to resize_size, then the central square (uint8)."""
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
@@ -221,42 +217,30 @@ def _side(split: Split | Shards, resize_size: int) -> int:
   return split.side if isinstance(split, Shards) else resize_size
 
 
-def readers(split: Split | Shards, resize_size: int):
-  """(whole(i) -> (side x side uint8 image, label), window(i, y, x, size) -> (uint8 crop, label)).
+def readers(split: Shards):
+  """(whole(i) -> (side x side uint8 image, label), window(i, y, x, size) -> (uint8 crop, label))
+  of prepared shards: read by index (random access), the crop fused into the JPEG decode.
+  (Folder images go through `_decoded`, which catches unreadable files.)"""
+  from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-  Prepared shards are read by index (random access) and decoded with the crop fused into
-  the JPEG decode; folder images are decoded whole and rescaled first.
-  """
-  if isinstance(split, Shards):
-    from array_record.python.array_record_data_source import ArrayRecordDataSource
+  source = ArrayRecordDataSource(list(split.files))
 
-    source = ArrayRecordDataSource(list(split.files))
+  def record(i):
+    raw = tf.numpy_function(lambda j: source[int(j)], [i], tf.string, stateful=False)
+    example = tf.io.parse_single_example(tf.reshape(raw, []), _FEATURES)
+    return example["image"], tf.cast(example["label"], tf.int32)
 
-    def record(i):
-      raw = tf.numpy_function(lambda j: source[int(j)], [i], tf.string, stateful=False)
-      example = tf.io.parse_single_example(tf.reshape(raw, []), _FEATURES)
-      return example["image"], tf.cast(example["label"], tf.int32)
+  def whole(i):
+    jpeg, label = record(i)
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+    image.set_shape((split.side, split.side, 3))
+    return image, label
 
-    def whole(i):
-      jpeg, label = record(i)
-      image = tf.io.decode_jpeg(jpeg, channels=3)
-      image.set_shape((split.side, split.side, 3))
-      return image, label
-
-    def window(i, y, x, size):
-      jpeg, label = record(i)
-      image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([y, x, size, size]), channels=3)
-      image.set_shape((size, size, 3))
-      return image, label
-  else:
-    paths, labels = tf.constant(split.paths), tf.constant(split.labels)
-
-    def whole(i):
-      return _decode_and_rescale(tf.gather(paths, i), resize_size), tf.gather(labels, i)
-
-    def window(i, y, x, size):
-      image, label = whole(i)
-      return _crop(image, y, x, size), label
+  def window(i, y, x, size):
+    jpeg, label = record(i)
+    image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([y, x, size, size]), channels=3)
+    image.set_shape((size, size, 3))
+    return image, label
 
   return whole, window
 
@@ -378,7 +362,7 @@ def train_batches(
   )
   parallel = dict(num_parallel_calls=num_parallel_calls, deterministic=True)
   if isinstance(split, Shards):  # `prepare` wrote only images it could read: nothing to catch
-    _, window = readers(split, resize_size)
+    _, window = readers(split)
 
     def load(ordinal, drawn):
       index, offset, _, _ = drawn
@@ -494,7 +478,7 @@ def eval_batches(
 
   ds = tf.data.Dataset.from_tensor_slices((index, mask))
   if isinstance(split, Shards):  # `prepare` wrote only images it could read: nothing to catch
-    whole, window = readers(split, resize_size)
+    whole, window = readers(split)
 
     def load(i, m):
       if len(windows) == 1:  # the crop fused into the JPEG decode

@@ -64,7 +64,7 @@ def main() -> None:
     train, _ = ip.read_prepared(os.path.join(tmp, "out"))
     stats = ip.load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
     batch = 64
-    whole, _ = ip.readers(train, 256)
+    whole, _ = ip.readers(train)
     bare = (
       tf.data.Dataset.range(len(train))
       .repeat()

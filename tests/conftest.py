@@ -45,11 +45,13 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 2
 def pytest_configure(config):
   """The default suite compiles much and runs little (small programs, a few steps each):
   there LLVM's optimisations cost more than they save (the suite runs in half the time). The
-  slow suite trains for hundreds of steps: it keeps XLA's defaults. Numbers compared are
+  slow and long suites run more: real-size nets, subprocesses, hundreds of steps (measured:
+  the slow suite takes 1.3x as long at -O0); they keep XLA's defaults. Numbers compared are
   computed under the same flags; benchmarks/ measure with XLA's defaults. Set here, before
   JAX starts its backend (it reads XLA_FLAGS then), in the controller and every worker."""
-  slow = "slow" in config.getoption("markexpr", "").replace("not slow", "")
-  if not slow and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  chosen = config.getoption("markexpr", "").replace("not slow", "").replace("not long", "")
+  default_suite = not any(suite in chosen for suite in ("slow", "long"))
+  if default_suite and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 

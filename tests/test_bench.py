@@ -111,8 +111,10 @@ def test_bench_command_prints_json_last_and_imports_no_tensorflow():
   assert any(line.startswith("| none | bfloat16 | 2 | fast | backend |") for line in lines)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("no_torch", [True, False])
+@pytest.mark.parametrize(
+  "no_torch",
+  [pytest.param(True, marks=pytest.mark.slow), pytest.param(False, marks=pytest.mark.long)],
+)
 def test_cpu_vs_torch_times_torch_only_where_installed(no_torch):
   if not no_torch:
     need_torch()

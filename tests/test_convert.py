@@ -404,7 +404,7 @@ def test_import_writes_a_checkpoint_training_restores_and_export_reads_back(tmp_
     convert.export_weights(workdir, out, step=5)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # real-size nets: 61M parameters, 224-pixel inputs
 def test_torchvision_and_caffe_files_import_with_their_configs(tmp_path, torchvision_sd):
   source, workdir = str(tmp_path / "alexnet.safetensors"), str(tmp_path / "torchvision")
   layouts.write_state_dict(torchvision_sd, source)

@@ -1,6 +1,6 @@
 """A real 2-step run, restored on other meshes and extracted: same features whatever the mesh or
-batch size, the CLI on a folder with a broken image, the one-command figures, one line per bad
-input."""
+batch size, a folder with a broken image (API, and CLI in the slow suite), the one-command
+figures, one line per bad input."""
 
 import os
 import shutil
@@ -65,7 +65,8 @@ def test_same_features_on_any_mesh_and_batch_size(
   np.testing.assert_array_equal(f["path"], val_features["path"])
 
 
-def test_cli_on_a_folder_skips_and_names_an_unreadable_image(run, val_features, tmp_path):
+def folder_of_three(tmp_path, val_features) -> tuple:
+  """Three val images in nested folders, a broken one and a text file: (folder, {row: file})."""
   folder = tmp_path / "images"
   os.makedirs(folder / "nested" / "deeper")
   picked = {
@@ -77,6 +78,29 @@ def test_cli_on_a_folder_skips_and_names_an_unreadable_image(run, val_features, 
     shutil.copy(val_features["path"][row], target)
   (folder / "nested" / "broken.jpg").write_text("not an image")
   (folder / "notes.txt").write_text("ignored")
+  return folder, picked
+
+
+def assert_features_of(output, picked, val_features):
+  f = featurefile.read(output)
+  assert f["path"].tolist() == sorted(str(p) for p in picked.values())
+  by_path = dict(zip(f["path"].tolist(), f["fc7"]))
+  for row, target in picked.items():  # preprocessed exactly as the split: same features
+    assert_close(by_path[str(target)], val_features["fc7"][row], rtol=1e-5)
+  assert f["label"].tolist() == [-1] * 3 and f["classes"].tolist() == list(synthetic.CLASSES)
+
+
+def test_a_folder_skips_and_names_an_unreadable_image(run, val_features, tmp_path):
+  folder, picked = folder_of_three(tmp_path, val_features)
+  output = str(tmp_path / "out" / "folder.npz")
+  report = extract.extract_folder(restore(run, mesh=mesh(1, 1)), run, str(folder), output, 8)
+  assert report.count == 3 and report.skipped == (str(folder / "nested" / "broken.jpg"),)
+  assert_features_of(output, picked, val_features)
+
+
+@pytest.mark.slow
+def test_the_cli_on_a_folder_reports_what_it_wrote_and_skipped(run, val_features, tmp_path):
+  folder, picked = folder_of_three(tmp_path, val_features)
   output = str(tmp_path / "out" / "folder.npz")
   result = subprocess.run(
     [
@@ -98,12 +122,7 @@ def test_cli_on_a_folder_skips_and_names_an_unreadable_image(run, val_features, 
     in result.stdout
   )
   assert "skipped unreadable image" in result.stderr
-  f = featurefile.read(output)
-  assert f["path"].tolist() == sorted(str(p) for p in picked.values())
-  by_path = dict(zip(f["path"].tolist(), f["fc7"]))
-  for row, target in picked.items():  # preprocessed exactly as the split: same features
-    assert_close(by_path[str(target)], val_features["fc7"][row], rtol=1e-5)
-  assert f["label"].tolist() == [-1] * 3 and f["classes"].tolist() == list(synthetic.CLASSES)
+  assert_features_of(output, picked, val_features)
 
 
 def test_paper_figures_in_one_call(run, tmp_path):

@@ -150,15 +150,16 @@ def test_a_step_that_overflows_the_parameters_is_not_finite():
 
 def test_a_failed_evaluation_saves_its_step_first(copy_run, data_dir, monkeypatch):
   """The evaluation at step 3 raises: step 3 is saved anyway, its evaluation pending, and the
-  rerun evaluates step 3 first, once, before going on."""
+  rerun evaluates step 3 first, once, before going on (as after a preemption at an evaluation
+  step: tests/test_resume.py)."""
   workdir = copy_run()
   config = config_for(data_dir, num_train_steps=4, eval_every_steps=3, checkpoint_every_steps=4)
 
-  def broken(self, params):
+  def broken(*args):
     raise OSError("the validation disk went away")
 
   with monkeypatch.context() as m:
-    m.setattr(train._Job, "evaluate", broken)
+    m.setattr(train, "evaluate", broken)
     with pytest.raises(OSError, match="validation disk"):
       train.train_and_evaluate(config, workdir)
   mgr = checkpoints.manager(workdir, 3)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import paper_params, params_of, random_torchvision, small_config
+from conftest import paper_params, params_of, random_params, random_torchvision, small_config
 
 from alexnet_jax import builders, checkpoints, layouts, optim, pretrained, sharding, train
 from alexnet_jax.config_check import check_config
@@ -33,8 +33,15 @@ def initial_state(config):
 
 @pytest.fixture(scope="module")
 def fresh():
-  """The fresh parameters of a quickstart run (the paper net, 67x67 crops, 10 classes)."""
-  return initial_state(quickstart.get_config()).params
+  """Fresh parameters of a quickstart run (the paper net, 67x67 crops, 10 classes), sharded as
+  a run's on 2 devices: numpy draws put in place (no initialisation to compile)."""
+  config = quickstart.get_config()
+  mesh = sharding.make_mesh(config.model_parallelism, jax.devices()[:2])
+  model = builders.create_model(config, mesh)
+  tx = builders.create_optimizer(config, 1, 1)
+  target = builders.abstract_state(model, tx, config.image_size, mesh).params
+  placement = jax.tree.map(lambda leaf: leaf.sharding, target)
+  return jax.device_put(random_params(model, config.image_size), placement)
 
 
 def grouped_file(path, num_classes, side=67, seed=1):

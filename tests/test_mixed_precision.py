@@ -55,7 +55,7 @@ def test_bfloat16_where_the_backend_cannot_stops_before_any_work(tmp_path, monke
   assert not (tmp_path / "data").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_bfloat16_training_follows_float32(tmp_path):
   """200 steps of the quickstart net on the embedded data (learning rate 0.05 so that the loss
   falls within them): every logged training loss (a mean over 10 steps) of the bfloat16 run is

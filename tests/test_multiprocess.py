@@ -11,7 +11,7 @@ from conftest import main_flags, params_of, start
 from alexnet_jax import metrics
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 3 processes, each compiling: over 2 minutes on 2 cores
 def test_two_processes_train_like_one(tmp_path, data_dir):
   """2 processes x 2 CPU devices (launch.sh) end with the parameters of 1 process x 4 devices."""
   one, two = str(tmp_path / "one"), str(tmp_path / "two")

@@ -91,7 +91,7 @@ def assert_same(a, b, rtol=1e-5):
     ({}, None),
     pytest.param({}, 2, marks=pytest.mark.slow),  # test_sharding: the fast ops on meshes
     pytest.param({"lrn_scope": "all", "lrn_k": 1.0}, None, marks=pytest.mark.slow),
-    ({"variant": "torchvision"}, None),
+    pytest.param({"variant": "torchvision"}, None, marks=pytest.mark.slow),  # other pools only
   ],
 )
 def test_fast_and_plain_nets_have_equal_gradients(kwargs, mesh_model):

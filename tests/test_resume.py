@@ -44,6 +44,7 @@ def run_stopping_at(config, workdir: str, stops: list[int], monkeypatch) -> None
   train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_any_intervals_and_the_plateau_schedule_resume_exactly(tmp_path, data_dir, monkeypatch):
   """Logs every 3 steps, saves every 5, evaluates every 2 under the plateau rule (patience 1, a
   rate too small to change the validation error: it drops at steps 4 and 6). Stopped after

@@ -113,7 +113,10 @@ def problem():
   return x, y, params, logits, grads
 
 
-@pytest.mark.parametrize("data, model", [(1, 1), (1, 2), (4, 2), (8, 1)])
+@pytest.mark.parametrize(
+  "data, model",
+  [(1, 1), (1, 2), (4, 2), pytest.param(8, 1, marks=pytest.mark.slow)],  # 4x2 has a data axis
+)
 def test_logits_and_gradients_equal_on_every_mesh(problem, data, model):
   x, y, params, ref_logits, ref_grads = problem
   mesh = sharding.make_mesh(model, jax.devices()[: data * model])
