@@ -31,6 +31,18 @@ def train_lines(workdir):
   return [r for r in metrics.read_metrics(workdir) if "train/loss" in r]
 
 
+def initial_params(config):
+  """The seeded parameters a run of `config` starts from, on one device."""
+  state, _ = builders.initial_state(
+    builders.create_model(config),
+    builders.create_optimizer(config, 1, 1),
+    config.image_size,
+    config.seed,
+    sharding.make_mesh(1, jax.devices()[:1]),
+  )
+  return jax.device_get(state.params)
+
+
 def test_one_training_step_and_evaluation(trained_run, data_dir):
   """The shared 2-step run: metrics, tensorboard, config and a checkpoint of trained weights."""
   records = metrics.read_metrics(trained_run)
@@ -45,26 +57,7 @@ def test_one_training_step_and_evaluation(trained_run, data_dir):
   config = small_config(data_dir)
   state = final_state(trained_run, config)
   assert int(state.step) == 2
-  init, _ = builders.initial_state(
-    builders.create_model(config),
-    builders.create_optimizer(config, 1, 1),
-    config.image_size,
-    config.seed,
-    sharding.make_mesh(1, jax.devices()[:1]),
-  )
-  assert not np.allclose(state.params["fc8"]["kernel"], init.params["fc8"]["kernel"])
-
-
-def initial_params(config):
-  """The seeded parameters a run of `config` starts from, on one device."""
-  state, _ = builders.initial_state(
-    builders.create_model(config),
-    builders.create_optimizer(config, 1, 1),
-    config.image_size,
-    config.seed,
-    sharding.make_mesh(1, jax.devices()[:1]),
-  )
-  return jax.device_get(state.params)
+  assert not np.allclose(state.params["fc8"]["kernel"], initial_params(config)["fc8"]["kernel"])
 
 
 @pytest.mark.slow
