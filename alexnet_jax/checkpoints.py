@@ -84,7 +84,18 @@ def restore(mgr: ocp.CheckpointManager, target: Any, step: int | None = None) ->
   """The whole state at `step` (default: latest) of a run's own manager, laid out like
   `target` (arrays or ShapeDtypeStructs: shapes and shardings), whatever mesh wrote it."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  return mgr.restore(choose_step(mgr, step), args=ocp.args.StandardRestore(abstract))
+  step = choose_step(mgr, step)
+  try:
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except ValueError as e:
+    if "tree structures do not match" not in str(e):
+      raise
+    workdir = os.path.dirname(str(mgr.directory))
+    raise UserInputError(
+      f"{mgr.directory}/{step} holds a training state of another alexnet_jax version (its "
+      "fields differ from this one's), so it cannot be resumed: train in a fresh --workdir "
+      f"with --config.init_from={workdir} to start from its parameters"
+    ) from None
 
 
 def read_params(path: str, step: int | None = None, target: Any = None) -> tuple[Any, int, str]:
