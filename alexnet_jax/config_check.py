@@ -13,7 +13,7 @@ from alexnet_jax.errors import UserInputError
 from alexnet_jax.layouts import SUFFIXES
 from alexnet_jax.models import LAYERS, feature_sides, pool_geometry
 
-DATASETS = ("synthetic", "image_folder", "imagenet2012")
+DATASETS = ("synthetic", "image_folder", "prepared")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -35,6 +35,11 @@ def check_config(
   def bad(message):
     raise UserInputError(message)
 
+  if config.dataset == "imagenet2012":  # TFDS's name for ImageNet: not our shards' name
+    bad(
+      "dataset 'imagenet2012' names TFDS's build, which is not read here; shards written by "
+      "python -m alexnet_jax.prepare are --config.dataset=prepared"
+    )
   if config.dataset not in DATASETS:
     bad(f"unknown dataset {config.dataset!r}; set --config.dataset to one of {DATASETS}")
   if config.dataset == "image_folder" and not config.data_dir:

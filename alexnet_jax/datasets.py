@@ -21,8 +21,8 @@ def load_splits(
   """The train and val splits the config names, and the statistics training subtracts and
   jitters with.
 
-  "imagenet2012" reads shards written by `alexnet_jax.prepare` (from the ImageNet archives
-  or any image-folder tree); the synthetic set is generated on first use.
+  "prepared" reads shards written by `alexnet_jax.prepare` (from the ImageNet archives or
+  any image-folder tree); the synthetic set is generated on first use.
   """
   data_dir = config.data_dir
   if config.dataset == "synthetic":
@@ -36,7 +36,7 @@ def load_splits(
       synthetic.generate(data_dir, **sizes)
     _sync("synthetic data")
     synthetic.generate(data_dir, **sizes)  # a no-op where the first process already wrote it
-  if config.dataset == "imagenet2012":
+  if config.dataset == "prepared":
     train, val = input_pipeline.read_prepared(data_dir)
     if train.side != config.resize_size:
       raise UserInputError(
@@ -51,7 +51,7 @@ def load_splits(
       f"set --config.num_classes={len(train.classes)}"
     )
   stats = input_pipeline.load_stats(
-    data_dir if config.dataset == "imagenet2012" else "",
+    data_dir if config.dataset == "prepared" else "",
     config.resize_size,
     config.channel_mean,
     per_pixel=config.mean_subtraction == "image",

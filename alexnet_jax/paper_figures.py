@@ -42,7 +42,7 @@ def run(
 ) -> dict[str, str]:
   """Writes every file of FILES into output_dir; returns their paths by name."""
   restored = restore(workdir, step)
-  if restored.config.dataset == "imagenet2012":
+  if restored.config.dataset == "prepared":
     raise UserInputError(
       "Figure 4 shows image files, and prepared shards have none: extract an image folder with "
       "python -m alexnet_jax.extract --images=... and draw it with alexnet_jax.figures"

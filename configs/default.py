@@ -7,11 +7,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = (
-    "imagenet2012"  # "synthetic" | "image_folder" | "imagenet2012" (`prepare`'s shards)
-  )
+  config.dataset = "prepared"  # "prepared" (`prepare`'s shards) | "image_folder" | "synthetic"
   config.data_dir = (
-    ""  # imagenet2012: prepare's --data_dir; synthetic: where to generate it ("" = WORKDIR/data)
+    ""  # prepared: prepare's --data_dir; synthetic: where to generate it ("" = WORKDIR/data)
   )
   config.num_classes = 1000
   config.image_size = 227  # the crop; the paper's "224" is an erratum (see README)

@@ -12,6 +12,7 @@ from configs import quickstart
   "change, message",
   [
     ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
+    ({"dataset": "imagenet2012"}, "names TFDS's build.*are --config.dataset=prepared"),
     ({"batch_size": 12}, "batch_size=12 does not divide over the 8 data-parallel devices"),
     ({"batch_size": -4}, "batch_size=-4 must be positive"),
     ({"batch_size": 0}, "batch_size=0 must be positive"),
