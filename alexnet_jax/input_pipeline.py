@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import files
 from alexnet_jax.errors import UserInputError
 
 tf.config.set_visible_devices([], "GPU")
@@ -208,9 +209,8 @@ def load_stats(
 def save_stats(directory: str, stats: Stats) -> None:
   """Writes stats where `load_stats(directory, ...)` finds them (a run keeps the statistics it
   trained with beside its checkpoints, so its features can be extracted away from its data)."""
-  tmp = os.path.join(directory, SHARD_STATS + ".tmp.npz")
-  np.savez(tmp, mean_image=stats.mean_image, eigval=stats.eigval, eigvec=stats.eigvec)
-  os.replace(tmp, os.path.join(directory, SHARD_STATS))
+  with files.atomic_path(os.path.join(directory, SHARD_STATS)) as tmp:
+    np.savez(tmp, mean_image=stats.mean_image, eigval=stats.eigval, eigvec=stats.eigvec)
 
 
 def _side(split: Split | Shards, resize_size: int) -> int:
