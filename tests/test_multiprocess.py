@@ -40,7 +40,7 @@ def test_an_unreachable_coordinator_is_a_one_line_error(tmp_path, data_dir):
       "--coordinator_address=127.0.0.1:9",
       "--num_processes=2",
       "--process_id=1",
-      "--coordinator_timeout=5",
+      "--coordinator_timeout=1",
     ]
   )
   _, err = proc.communicate(timeout=120)

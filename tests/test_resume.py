@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import params_of, small_config
 
-from alexnet_jax import checkpoints, metrics, preemption, train
+from alexnet_jax import checkpoints, input_pipeline, metrics, preemption, train
 
 
 def preempt_at(monkeypatch, steps: set) -> None:
@@ -73,22 +73,41 @@ def test_any_intervals_and_the_plateau_schedule_resume_exactly(tmp_path, data_di
 
 
 def test_counters_continue_across_a_resume(tmp_path, data_dir, monkeypatch):
-  """Skipped steps (every step: the mean image is NaN) and unreadable images (one broken file,
-  read once in the first epoch's 5 steps) count the whole run, not the last resume's part."""
+  """Skipped steps (every step: the mean image is NaN) and unreadable images (every fifth
+  training file broken) count the whole run, not the last resume's part. Stopped after step 2
+  of 3; the image counts are the input stream's own, read without training."""
   folder = shutil.copytree(data_dir, tmp_path / "images")
-  (folder / "train" / "checker" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  for path in sorted((folder / "train").glob("*/*.jpg"))[::5]:
+    path.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
   config = small_config(
     str(folder),
     dataset="image_folder",
-    num_train_steps=6,
-    eval_every_steps=6,
-    checkpoint_every_steps=6,
+    num_train_steps=3,
+    eval_every_steps=3,
+    checkpoint_every_steps=3,
     skip_nonfinite_steps=True,
     channel_mean=(float("nan"),) * 3,
   )
   workdir = str(tmp_path / "run")
-  run_stopping_at(config, workdir, [5], monkeypatch)
+  run_stopping_at(config, workdir, [2], monkeypatch)
   logged = {r["step"]: r for r in metrics.read_metrics(workdir) if "train/loss" in r}
-  assert [logged[s]["train/skipped_steps"] for s in sorted(logged)] == [1, 2, 3, 4, 5, 6]
-  assert logged[5]["train/skipped_images"] == 1  # the broken file, in epoch 1's 80 of 81
-  assert logged[6]["train/skipped_images"] >= 1
+  assert [logged[s]["train/skipped_steps"] for s in sorted(logged)] == [1, 2, 3]
+
+  def skipped(start_step: int, batches: int) -> int:
+    split, _ = input_pipeline.read_image_folder(str(folder))
+    stream = input_pipeline.train_batches(
+      split,
+      batch_size=16,
+      image_size=config.image_size,
+      resize_size=config.resize_size,
+      stats=input_pipeline.load_stats("", config.resize_size, (0.0,) * 3),  # no effect on order
+      seed=config.seed,
+      start_step=start_step,
+    )
+    for _ in range(batches):
+      next(stream)
+    return stream.skipped
+
+  before = skipped(0, 2)
+  assert before >= 1 and logged[2]["train/skipped_images"] == before
+  assert logged[3]["train/skipped_images"] == before + skipped(2, 1)
