@@ -14,7 +14,16 @@ from alexnet_jax.layouts import SUFFIXES
 from alexnet_jax.models import LAYERS, feature_sides, pool_geometry
 
 DATASETS = ("synthetic", "image_folder", "prepared")
+TFDS_PREFIX = "tfds:"
 DTYPES = ("float32", "bfloat16")
+
+
+def tfds_name(dataset: str) -> str | None:
+  """The TFDS name (NAME[/CONFIG][:VERSION]) a `dataset` setting names, or None. The bare
+  imagenet2012 is TFDS's too: the name a flax user types (flax's examples/imagenet reads it)."""
+  if dataset.startswith(TFDS_PREFIX):
+    return dataset[len(TFDS_PREFIX) :]
+  return "imagenet2012" if dataset == "imagenet2012" else None
 
 
 def check_config(
@@ -35,13 +44,13 @@ def check_config(
   def bad(message):
     raise UserInputError(message)
 
-  if config.dataset == "imagenet2012":  # TFDS's name for ImageNet: not our shards' name
+  if config.dataset not in DATASETS and not tfds_name(config.dataset):
     bad(
-      "dataset 'imagenet2012' names TFDS's build, which is not read here; shards written by "
-      "python -m alexnet_jax.prepare are --config.dataset=prepared"
+      f"unknown dataset {config.dataset!r}; set --config.dataset to one of {DATASETS} or "
+      "tfds:NAME (a dataset TFDS built, e.g. tfds:imagenet2012)"
     )
-  if config.dataset not in DATASETS:
-    bad(f"unknown dataset {config.dataset!r}; set --config.dataset to one of {DATASETS}")
+  if tfds_name(config.dataset) and config.stats_images < 1:
+    bad(f"stats_images={config.stats_images}: sample at least 1 training image for the mean image")
   if config.dataset == "image_folder" and not config.data_dir:
     bad(
       "dataset 'image_folder' needs --config.data_dir=DIR "

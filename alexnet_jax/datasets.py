@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from alexnet_jax import input_pipeline, synthetic
+from alexnet_jax import config_check, input_pipeline, synthetic, tfds_data
 from alexnet_jax.errors import UserInputError
 
 
@@ -22,9 +22,12 @@ def load_splits(
   jitters with.
 
   "prepared" reads shards written by `alexnet_jax.prepare` (from the ImageNet archives or
-  any image-folder tree); the synthetic set is generated on first use.
+  any image-folder tree); "tfds:NAME" a dataset TFDS built (`tfds_data`); the synthetic set
+  is generated on first use.
   """
   data_dir = config.data_dir
+  stats_dir = data_dir if config.dataset == "prepared" else ""
+  name = config_check.tfds_name(config.dataset)
   if config.dataset == "synthetic":
     data_dir = data_dir or os.path.join(workdir, "data")
     sizes = dict(
@@ -36,7 +39,12 @@ def load_splits(
       synthetic.generate(data_dir, **sizes)
     _sync("synthetic data")
     synthetic.generate(data_dir, **sizes)  # a no-op where the first process already wrote it
-  if config.dataset == "prepared":
+  if name:
+    train, val, data_path = tfds_data.open_splits(
+      name, data_dir, config.train_split, config.eval_split
+    )
+    data_dir = f"TFDS dataset {name}"  # for the message below
+  elif config.dataset == "prepared":
     train, val = input_pipeline.read_prepared(data_dir)
     if train.side != config.resize_size:
       raise UserInputError(
@@ -50,8 +58,12 @@ def load_splits(
       f"num_classes={config.num_classes} but {data_dir} has {len(train.classes)} classes; "
       f"set --config.num_classes={len(train.classes)}"
     )
+  if name:  # sampled once, after the cheap checks above
+    stats_dir = tfds_data.stats_dir(
+      train, data_path, workdir, config.resize_size, config.stats_images
+    )
   stats = input_pipeline.load_stats(
-    data_dir if config.dataset == "prepared" else "",
+    stats_dir,
     config.resize_size,
     config.channel_mean,
     per_pixel=config.mean_subtraction == "image",

@@ -89,10 +89,10 @@ def run_data(
 
 
 def _row_names(images: input_pipeline.Split | input_pipeline.Shards) -> Sequence[str]:
-  """Image paths; prepared shards have none, so their rows are named SHARD_DIR#INDEX."""
+  """Image paths; prepared shards and TFDS records have none: SHARD_DIR#INDEX, NAME/SPLIT[INDEX]."""
   if isinstance(images, input_pipeline.Split):
     return images.paths
-  return [f"{os.path.dirname(images.files[0])}#{i}" for i in range(len(images))]
+  return [images.describe(i) for i in range(len(images))]
 
 
 _INPUTS = ("image", "offset", "flip")  # what augment.normalize reads from an eval batch

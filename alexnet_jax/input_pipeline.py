@@ -1,4 +1,5 @@
-"""tf.data input: image folders in the ImageNet layout, the paper's rescale and crops.
+"""tf.data input: image folders in the ImageNet layout, prepared shards and TFDS records; the
+paper's rescale and crops.
 
 Training order is a pure function of (seed, epoch): every epoch is a fresh global
 permutation of the split, cut into equal disjoint shares, one per process, and every
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -36,6 +37,28 @@ class Split:
 
   def __len__(self) -> int:
     return len(self.paths)
+
+  def describe(self, index: int) -> str:
+    return self.paths[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """A split of serialized tf.Examples read by index (a TFDS dataset's ArrayRecord files):
+  encoded images of any size under `image_key`, rescaled on the fly as a folder's are, and
+  their class under `label_key`."""
+
+  source: Sequence[bytes]
+  image_key: str
+  label_key: str
+  classes: tuple[str, ...]
+  name: str  # for messages: "imagenet2012:5.1.0/train"
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def describe(self, index: int) -> str:
+    return f"{self.name}[{index}]"
 
 
 def _class_folders(split_dir: str) -> list[str]:
@@ -96,9 +119,31 @@ def read_image_folder(data_dir: str) -> tuple[Split, Split]:
   return train, read_split(data_dir, "val", train.classes)
 
 
-def _decode(path: tf.Tensor) -> tf.Tensor:
-  """An image file's pixels as (H, W, 3) uint8: the one step that fails on a bad file."""
-  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+def _decode(encoded: tf.Tensor) -> tf.Tensor:
+  """An encoded image's pixels as (H, W, 3) uint8 (grayscale, CMYK and RGBA become RGB)."""
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def _reader(split: Split | Records):
+  """(read(index) -> (encoded image, int32 label), the step that fails on a bad file or
+  record; label(index): what a folder's file names without reading it, 0 for a record)."""
+  if isinstance(split, Records):
+    source = split.source
+    features = {
+      split.image_key: tf.io.FixedLenFeature([], tf.string),
+      split.label_key: tf.io.FixedLenFeature([], tf.int64),
+    }
+
+    def read(i):
+      raw = tf.numpy_function(lambda j: source[int(j)], [i], tf.string, stateful=False)
+      example = tf.io.parse_single_example(tf.reshape(raw, []), features)
+      return example[split.image_key], tf.cast(example[split.label_key], tf.int32)
+
+    return read, lambda i: tf.constant(0, tf.int32)
+  paths, labels = tf.constant(split.paths), tf.constant(split.labels)
+  return lambda i: (tf.io.read_file(tf.gather(paths, i)), tf.gather(labels, i)), (
+    lambda i: tf.gather(labels, i)
+  )
 
 
 def _rescale(image: tf.Tensor, resize_size: int) -> tf.Tensor:
@@ -138,6 +183,9 @@ class Shards:
 
   def __len__(self) -> int:
     return self.size
+
+  def describe(self, index: int) -> str:
+    return f"{os.path.dirname(self.files[0])}#{index}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +261,46 @@ def save_stats(directory: str, stats: Stats) -> None:
     np.savez(tmp, mean_image=stats.mean_image, eigval=stats.eigval, eigvec=stats.eigvec)
 
 
-def _side(split: Split | Shards, resize_size: int) -> int:
+def image_stats(images: Iterable[np.ndarray]) -> dict:
+  """The per-pixel mean image of same-sized uint8 images (0-255) and the eigen-decomposition
+  of their RGB covariance (pixels in [0, 1]), eigenvalues descending: what `load_stats` reads."""
+  count, total, moment = 0, 0.0, np.zeros((3, 3), np.float64)
+  for image in images:
+    pixels = np.asarray(image, np.float64)
+    total = total + pixels
+    flat = pixels.reshape(-1, 3) / 255.0
+    moment += flat.T @ flat / flat.shape[0]
+    count += 1
+  if count == 0:
+    raise UserInputError(
+      "no readable training images to compute the mean image and colour PCA from: "
+      "replace the corrupt or missing files"
+    )
+  mean_image = total / count
+  mean_rgb = mean_image.reshape(-1, 3).mean(0) / 255.0
+  eigval, eigvec = np.linalg.eigh(moment / count - np.outer(mean_rgb, mean_rgb))
+  order = np.argsort(eigval)[::-1]
+  return {
+    "mean_image": mean_image.astype(np.float32),
+    "eigval": eigval[order].astype(np.float32),
+    "eigvec": eigvec[:, order].astype(np.float32),
+    "num_images": np.int64(count),
+  }
+
+
+def rescaled_sample(
+  split: Split | Records, resize_size: int, count: int, num_parallel_calls: int = -1
+) -> Iterator[np.ndarray]:
+  """`count` images spread evenly over the split, rescaled as training sees them (shorter side
+  to resize_size, central square); unreadable ones left out."""
+  picks = np.unique(np.linspace(0, len(split) - 1, min(count, len(split))).astype(np.int64))
+  ds = _decoded(tf.data.Dataset.from_tensor_slices(picks), split, lambda i: i, num_parallel_calls)
+  ds = ds.filter(lambda i, pixels, label, readable: readable)
+  ds = ds.map(lambda i, pixels, label, readable: _rescale(pixels, resize_size))
+  return ds.prefetch(2).as_numpy_iterator()
+
+
+def _side(split: Split | Shards | Records, resize_size: int) -> int:
   return split.side if isinstance(split, Shards) else resize_size
 
 
@@ -252,20 +339,30 @@ MAX_UNREADABLE_RUN = 1000
 _UNREADABLE = tf.zeros([1, 1, 3], tf.uint8)  # rescales to a zero image
 
 
-def _decoded(ds: tf.data.Dataset, path_of, parallel: int) -> tf.data.Dataset:
-  """Elements e become (*e, pixels, readable): the decoded pixels of the file path_of(*e),
-  or a placeholder and readable=False where reading or decoding that file fails.
+def _decoded(
+  ds: tf.data.Dataset, split: Split | Records, index_of, parallel: int
+) -> tf.data.Dataset:
+  """Elements e become (*e, pixels, label, readable): the decoded pixels and the label of
+  image index_of(*e) of the split, or a placeholder and readable=False where reading or
+  decoding it fails (a folder's label still, a record's 0).
 
-  Only that one step's errors are caught (a missing, unreadable or corrupt file); any
-  other error, a bug, still raises. Each element gets a one-element dataset whose error,
+  Only that one step's errors are caught (a missing, unreadable or corrupt file or record);
+  any other error, a bug, still raises. Each element gets a one-element dataset whose error,
   if any, `ignore_errors` turns into the fallback that follows it; the interleave keeps
   the order and decodes in parallel.
   """
+  read_index, label_of = _reader(split)
+
+  def read(*element):
+    encoded, label = read_index(index_of(*element))
+    return (*element, _decode(encoded), label, True)
 
   def attempt(*element):
-    read = tf.data.Dataset.from_tensors(element).map(lambda *e: (*e, _decode(path_of(*e)), True))
-    failed = tf.data.Dataset.from_tensors((*element, _UNREADABLE, False))
-    return read.ignore_errors(log_warning=True).concatenate(failed).take(1)
+    ok = tf.data.Dataset.from_tensors(element).map(read)
+    failed = tf.data.Dataset.from_tensors(
+      (*element, _UNREADABLE, label_of(index_of(*element)), False)
+    )
+    return ok.ignore_errors(log_warning=True).concatenate(failed).take(1)
 
   return ds.interleave(attempt, num_parallel_calls=parallel, deterministic=True)
 
@@ -281,7 +378,7 @@ def pca_colour(alpha: tf.Tensor, stats: Stats) -> tf.Tensor:
 
 
 def train_batches(
-  split: Split | Shards,
+  split: Split | Shards | Records,
   *,
   batch_size: int,
   image_size: int,
@@ -370,18 +467,17 @@ def train_batches(
 
     ds = ds.map(load, **parallel)
   else:
-    paths, labels = tf.constant(split.paths), tf.constant(split.labels)
 
-    def load(ordinal, drawn, pixels, readable):
+    def load(ordinal, drawn, pixels, label, readable):
       index, offset, _, _ = drawn
       crop = _crop(_rescale(pixels, resize_size), offset[0], offset[1], image_size)
-      out = element(ordinal, drawn, crop, tf.gather(labels, index))
+      out = element(ordinal, drawn, crop, label)
       return out | {"unreadable": tf.where(readable, tf.constant(-1, tf.int64), index)}
 
-    ds = _decoded(ds, lambda ordinal, drawn: tf.gather(paths, drawn[0]), num_parallel_calls)
+    ds = _decoded(ds, split, lambda ordinal, drawn: drawn[0], num_parallel_calls)
     ds = _drop_unreadable(ds.map(load, **parallel))
   batches = ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator()
-  return SkipCounter(batches, first, getattr(split, "paths", ()))
+  return SkipCounter(batches, first, split)
 
 
 def _drop_unreadable(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -404,8 +500,8 @@ class SkipCounter:
 
   Resuming is exact up to such drops: prepared shards never hold an unreadable image."""
 
-  def __init__(self, batches: Iterator[dict], first: int, paths: Sequence[str] = ()):
-    self._batches, self._next, self._paths, self.skipped = batches, first, paths, 0
+  def __init__(self, batches: Iterator[dict], first: int, split: Split | Shards | Records):
+    self._batches, self._next, self._split, self.skipped = batches, first, split, 0
 
   def __iter__(self) -> "SkipCounter":
     return self
@@ -414,7 +510,7 @@ class SkipCounter:
     batch = next(self._batches)
     unreadable = batch.pop("unreadable", np.full(1, -1))
     if unreadable.max() >= 0:
-      named = [self._paths[i] for i in unreadable[unreadable >= 0][:3]]
+      named = [self._split.describe(int(i)) for i in unreadable[unreadable >= 0][:3]]
       raise UserInputError(
         f"{MAX_UNREADABLE_RUN} training images in a row could not be read (e.g. {named}): "
         "replace or remove the corrupt or missing files under data_dir"
@@ -438,7 +534,7 @@ def eval_windows(side: int, size: int, crops: int) -> list[tuple[int, int, bool]
 
 
 def eval_batches(
-  split: Split | Shards,
+  split: Split | Shards | Records,
   *,
   batch_size: int,
   image_size: int,
@@ -488,14 +584,13 @@ def eval_batches(
       image, label = whole(i)
       return element([_crop(image, y, x, image_size) for y, x, _ in windows], label, m)
   else:
-    paths, labels = tf.constant(split.paths), tf.constant(split.labels)
 
-    def load(i, m, pixels, readable):
+    def load(i, m, pixels, label, readable):
       image = _rescale(pixels, resize_size)
       patches = [_crop(image, y, x, image_size) for y, x, _ in windows]
-      return element(patches, tf.gather(labels, i), m * tf.cast(readable, tf.float32))
+      return element(patches, label, m * tf.cast(readable, tf.float32))
 
-    ds = _decoded(ds, lambda i, m: tf.gather(paths, i), num_parallel_calls)
+    ds = _decoded(ds, split, lambda i, m: i, num_parallel_calls)
   ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
   return UnreadableCounter(ds.batch(batch_size).prefetch(2).as_numpy_iterator(), mask)
 

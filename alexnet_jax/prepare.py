@@ -227,10 +227,11 @@ def _input_bytes(manual_dir: str, archives: bool) -> int:
 
 
 def compute_stats(train_files: list[str], sample: int) -> dict:
-  """Per-pixel mean image and the eigen-decomposition of the RGB covariance (pixels in [0, 1])
-  from `sample` images spread evenly over the training shards."""
+  """`input_pipeline.image_stats` of `sample` images spread evenly over the training shards."""
   import tensorflow as tf
   from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+  from alexnet_jax.input_pipeline import image_stats
 
   source = ArrayRecordDataSource(train_files)
   n = len(source)
@@ -239,28 +240,15 @@ def compute_stats(train_files: list[str], sample: int) -> dict:
       f"no images to compute the statistics from ({n} in {train_files[:3]}, sample={sample}): "
       "every training image was unreadable (listed in skipped.txt); replace them and rerun"
     )
-  picks = np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64))
-  total = np.zeros((SIDE, SIDE, 3), np.float64)
-  moment = np.zeros((3, 3), np.float64)
-  for i in picks:
-    record = tf.io.parse_single_example(
-      source[int(i)], {"image": tf.io.FixedLenFeature([], tf.string)}
-    )
-    pixels = tf.io.decode_jpeg(record["image"], channels=3).numpy().astype(np.float64)
-    total += pixels
-    flat = pixels.reshape(-1, 3) / 255.0
-    moment += flat.T @ flat / flat.shape[0]
-  mean_image = total / len(picks)
-  mean_rgb = mean_image.reshape(-1, 3).mean(0) / 255.0
-  cov = moment / len(picks) - np.outer(mean_rgb, mean_rgb)
-  eigval, eigvec = np.linalg.eigh(cov)
-  order = np.argsort(eigval)[::-1]
-  return {
-    "mean_image": mean_image.astype(np.float32),
-    "eigval": eigval[order].astype(np.float32),
-    "eigvec": eigvec[:, order].astype(np.float32),
-    "num_images": np.int64(len(picks)),
-  }
+
+  def images():
+    for i in np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64)):
+      record = tf.io.parse_single_example(
+        source[int(i)], {"image": tf.io.FixedLenFeature([], tf.string)}
+      )
+      yield tf.io.decode_jpeg(record["image"], channels=3).numpy()
+
+  return image_stats(images())
 
 
 def prepare(

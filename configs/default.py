@@ -7,10 +7,15 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = "prepared"  # "prepared" (`prepare`'s shards) | "image_folder" | "synthetic"
-  config.data_dir = (
-    ""  # prepared: prepare's --data_dir; synthetic: where to generate it ("" = WORKDIR/data)
-  )
+  # "prepared" (`prepare`'s shards) | "tfds:NAME" (a dataset TFDS built; imagenet2012 is
+  # tfds:imagenet2012) | "image_folder" | "synthetic". README: which to choose.
+  config.dataset = "prepared"
+  # prepared: prepare's --data_dir; tfds: the TFDS data directory ("" = TFDS's default);
+  # synthetic: where to generate it ("" = WORKDIR/data).
+  config.data_dir = ""
+  config.train_split = "train"  # tfds only: TFDS split names, slices too ("train[:90%]")
+  config.eval_split = ""  # tfds only: "" = "validation" where the dataset has one, else "test"
+  config.stats_images = 10_000  # tfds only: training images sampled for the mean image and PCA
   config.num_classes = 1000
   config.image_size = 227  # the crop; the paper's "224" is an erratum (see README)
   config.resize_size = 256  # shorter side rescaled to this, then the central square

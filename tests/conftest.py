@@ -6,6 +6,7 @@ notebook kernels the tests start inherit it.
 """
 
 import importlib
+import io
 import os
 import shutil
 import subprocess
@@ -163,6 +164,28 @@ def _built_once(tmp_path_factory, worker_id: str, name: str, build) -> str:
       build(str(path))
       (path / ".built").touch()
   return str(path)
+
+
+def jpeg(seed: int, size=(300, 200), mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+  """An encoded image of `size` (width, height): smooth random colours, in any PIL mode."""
+  from PIL import Image
+
+  rng = np.random.default_rng(seed)
+  image = Image.fromarray(
+    rng.integers(0, 255, (size[1] // 10, size[0] // 10, 3), dtype=np.uint8)
+  ).resize(size)
+  buf = io.BytesIO()
+  image.convert(mode).save(buf, fmt, quality=90)
+  return buf.getvalue()
+
+
+def add(tar, name: str, data: bytes) -> None:
+  """A file member of `name` holding `data` in an open tarfile."""
+  import tarfile
+
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ from configs import quickstart
 @pytest.mark.parametrize(
   "change, message",
   [
-    ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
-    ({"dataset": "imagenet2012"}, "names TFDS's build.*are --config.dataset=prepared"),
+    ({"dataset": "cifar"}, "unknown dataset 'cifar'.*or tfds:NAME"),
+    ({"dataset": "tfds:"}, "unknown dataset 'tfds:'.*or tfds:NAME"),
+    ({"dataset": "tfds:mnist", "stats_images": 0}, "stats_images=0"),
     ({"batch_size": 12}, "batch_size=12 does not divide over the 8 data-parallel devices"),
     ({"batch_size": -4}, "batch_size=-4 must be positive"),
     ({"batch_size": 0}, "batch_size=0 must be positive"),

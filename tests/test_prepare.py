@@ -7,29 +7,13 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import add, jpeg
 
 from alexnet_jax import input_pipeline, prepare, train
 from alexnet_jax.errors import UserInputError
 from configs import default
 
 VAL_COUNT = 6
-
-
-def jpeg(seed, size=(300, 200), mode="RGB", fmt="JPEG"):
-  rng = np.random.default_rng(seed)
-  image = Image.fromarray(
-    rng.integers(0, 255, (size[1] // 10, size[0] // 10, 3), dtype=np.uint8)
-  ).resize(size)
-  buf = io.BytesIO()
-  image.convert(mode).save(buf, fmt, quality=90)
-  return buf.getvalue()
-
-
-def add(tar, name, data):
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
 
 
 def make_archives(root, corrupt=True):
