@@ -119,12 +119,12 @@ def read_image_folder(data_dir: str) -> tuple[Split, Split]:
   return train, read_split(data_dir, "val", train.classes)
 
 
-def _decode(encoded: tf.Tensor) -> tf.Tensor:
+def decode(encoded: tf.Tensor) -> tf.Tensor:
   """An encoded image's pixels as (H, W, 3) uint8 (grayscale, CMYK and RGBA become RGB)."""
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def _reader(split: Split | Records):
+def encoded_reader(split: Split | Records):
   """(read(index) -> (encoded image, int32 label), the step that fails on a bad file or
   record; label(index): what a folder's file names without reading it, 0 for a record)."""
   if isinstance(split, Records):
@@ -351,11 +351,11 @@ def _decoded(
   if any, `ignore_errors` turns into the fallback that follows it; the interleave keeps
   the order and decodes in parallel.
   """
-  read_index, label_of = _reader(split)
+  read_index, label_of = encoded_reader(split)
 
   def read(*element):
     encoded, label = read_index(index_of(*element))
-    return (*element, _decode(encoded), label, True)
+    return (*element, decode(encoded), label, True)
 
   def attempt(*element):
     ok = tf.data.Dataset.from_tensors(element).map(read)

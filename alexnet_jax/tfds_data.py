@@ -2,10 +2,15 @@
 dataset of tensorflow-datasets, read by index from its ArrayRecord files, so that step s's
 batch stays a pure function of (seed, s) and each process reads its own rows.
 
-Nothing is downloaded or built here: a dataset that is not prepared is a one-line error
-that says how to build it. TFDS stores originals: the input pipeline rescales them on the
-fly, and the statistics (mean image, colour PCA) are sampled from the training split once
-and cached. Imports TensorFlow: the model path never imports this module.
+Training downloads and builds nothing: a dataset that is not prepared is a one-line error
+that says how to build it, with this module's command (TFDS's builder, as `tfds build` runs
+it, without the `tfds` command's apache-beam import):
+
+  python -m alexnet_jax.tfds_data --dataset=imagenet2012 --manual_dir=ARCHIVES [--data_dir=DIR]
+
+TFDS stores originals: the input pipeline rescales them on the fly, and the statistics (mean
+image, colour PCA) are sampled from the training split once and cached. Imports TensorFlow:
+the model path never imports this module.
 """
 
 from __future__ import annotations
@@ -14,17 +19,18 @@ import os
 import re
 
 import numpy as np
+from absl import flags
 
-from alexnet_jax import files, input_pipeline
+from alexnet_jax import cli, files, input_pipeline
 from alexnet_jax.errors import UserInputError
 from alexnet_jax.input_pipeline import Records
 
 
 def _build_command(name: str, builder, data_dir: str) -> str:
-  command = f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
+  command = f"python -m alexnet_jax.tfds_data --dataset={name} --data_dir={data_dir}"
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:  # e.g. imagenet2012: the archives, fetched by hand
-    command += " --manual_dir=DIR (DIR holding the files TFDS's instructions for it name)"
-  return command
+    command += " --manual_dir=DIR` (DIR holding the files TFDS's instructions for it name"
+  return command + "`, or `tfds build` with --file_format=array_record"
 
 
 def open_builder(name: str, data_dir: str | None):
@@ -43,7 +49,7 @@ def open_builder(name: str, data_dir: str | None):
   if not builder.is_prepared():
     raise UserInputError(
       f"TFDS dataset {name} is not prepared in {root} (nothing is downloaded here): "
-      f"build it with `{_build_command(name, builder, root)}`, or point --config.data_dir at "
+      f"build it with `{_build_command(name, builder, root)}, or point --config.data_dir at "
       "the TFDS data directory that holds it"
     )
   formats = {f.value for f in builder.info.available_file_formats()}
@@ -51,7 +57,7 @@ def open_builder(name: str, data_dir: str | None):
     raise UserInputError(
       f"TFDS dataset {name} in {root} is stored as {', '.join(sorted(formats))}, which cannot "
       "be read by index (exact resume, a share per process): rebuild it with "
-      f"`{_build_command(name, builder, root)}`"
+      f"`{_build_command(name, builder, root)}"
     )
   return builder
 
@@ -131,3 +137,32 @@ def stats_dir(train: Records, data_path: str, workdir: str, resize_size: int, sa
     return write(folders[0])
   except OSError:  # a read-only data directory
     return write(folders[1])
+
+
+def build(name: str, data_dir: str | None, manual_dir: str | None = None) -> str:
+  """Builds TFDS dataset `name` as ArrayRecord (downloading what TFDS downloads, reading
+  manual_dir where it needs archives fetched by hand); returns its folder."""
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  try:
+    builder.download_and_prepare(download_config=config)
+  except (OSError, AssertionError) as e:  # no network, missing archives
+    raise UserInputError(f"building {name} failed: {' '.join(str(e).split())[:500]}") from e
+  return os.fspath(builder.data_dir)
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("dataset", None, "TFDS name: NAME[/CONFIG][:VERSION].", required=True)
+  flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")
+  flags.DEFINE_string("manual_dir", None, "The files TFDS reads but cannot download.")
+
+
+def main() -> None:
+  f = flags.FLAGS
+  print(f"built {f.dataset} as ArrayRecord in {build(f.dataset, f.data_dir, f.manual_dir)}")
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)

@@ -1,9 +1,11 @@
-"""Training augmentation vs bare JPEG decode on prepared 256x256 shards, images/s per CPU core.
+"""What `prepare` buys: the training pipeline and the bare JPEG decode on prepared 256x256
+shards and on TFDS originals (ImageNet-sized 500x375 JPEGs in a TFDS ArrayRecord dataset,
+read by `dataset=tfds:NAME`), images/s per CPU core.
 
-  python benchmarks/input_pipeline.py [--images=600] [--seconds=20]
+  python benchmarks/input_pipeline.py [--images=600] [--seconds=10] [--rounds=3]
 
-Both sides read the same shards with one map thread (num_parallel_calls=1) and batch the
-same way, in one process, alternating rounds, so the ratio is fair on a noisy machine.
+All four sides read the same images with one map thread (num_parallel_calls=1) and batch the
+same way, in one process, alternating rounds, so the ratios are fair on a noisy machine.
 The augmentation side is the real training pipeline: every random draw (227 window,
 flip, PCA colour alphas) and the fused decode-and-crop; the per-pixel arithmetic (mean
 image at the crop's position, colour, reflection) runs fused in the train step on the
@@ -22,7 +24,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from alexnet_jax import cli, prepare
+from alexnet_jax import cli, prepare, tfds_data
 from alexnet_jax import input_pipeline as ip
 
 
@@ -38,6 +40,48 @@ def make_folder(root: str, images: int) -> None:
       Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
         os.path.join(root, split, "c", f"{i}.jpg"), quality=90
       )
+
+
+def store_as_tfds(folder: str, data_dir: str) -> None:
+  """The folder's train JPEGs, bytes unchanged, as a TFDS dataset in ArrayRecord files."""
+  import tensorflow_datasets as tfds
+
+  paths = sorted(os.listdir(os.path.join(folder, "train", "c")))
+  tfds.dataset_builders.store_as_tfds_dataset(
+    name="originals",
+    version="1.0.0",
+    features=tfds.features.FeaturesDict(
+      {
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(names=["c"]),
+      }
+    ),
+    split_datasets={
+      split: [(p, {"image": os.path.join(folder, "train", "c", p), "label": 0}) for p in paths]
+      for split in ("train", "validation")
+    },
+    data_dir=data_dir,
+    file_format="array_record",
+  )
+
+
+def bare_decode(split, batch: int):
+  """The bare decode of every image of the split, one thread, nothing else."""
+  tf = ip.tf
+  if isinstance(split, ip.Shards):
+    whole, _ = ip.readers(split)
+    decode = lambda i: whole(i)[0]  # noqa: E731
+  else:
+    read, _ = ip.encoded_reader(split)
+    decode = lambda i: ip.decode(read(i)[0])  # noqa: E731
+  return (
+    tf.data.Dataset.range(len(split))
+    .repeat()
+    .map(decode, num_parallel_calls=1)
+    .batch(batch)
+    .prefetch(2)
+    .as_numpy_iterator()
+  )
 
 
 def rate(iterator, seconds: float, batch: int) -> float:
@@ -57,37 +101,42 @@ def define_flags() -> None:
 
 def main() -> None:
   args = flags.FLAGS
-  tf = ip.tf
   with tempfile.TemporaryDirectory() as tmp:
     make_folder(os.path.join(tmp, "raw"), args.images)
     prepare.prepare(os.path.join(tmp, "raw"), os.path.join(tmp, "out"), stats_images=100)
-    train, _ = ip.read_prepared(os.path.join(tmp, "out"))
+    store_as_tfds(os.path.join(tmp, "raw"), os.path.join(tmp, "tfds"))
+    shards, _ = ip.read_prepared(os.path.join(tmp, "out"))
+    originals, _, _ = tfds_data.open_splits("originals", os.path.join(tmp, "tfds"), "train", "")
     stats = ip.load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
     batch = 64
-    whole, _ = ip.readers(train)
-    bare = (
-      tf.data.Dataset.range(len(train))
-      .repeat()
-      .map(lambda i: whole(i)[0], num_parallel_calls=1)
-      .batch(batch)
-      .prefetch(2)
-      .as_numpy_iterator()
-    )
     crops = dict(batch_size=batch, image_size=227, resize_size=256)  # the paper's, one thread
-    full = ip.train_batches(train, stats=stats, seed=0, num_parallel_calls=1, **crops)
-    decode, augment = [], []
+    sides = {
+      "prepared shards, bare decode (256x256 JPEG)": bare_decode(shards, batch),
+      "prepared shards, training pipeline": ip.train_batches(
+        shards, stats=stats, seed=0, num_parallel_calls=1, **crops
+      ),
+      "TFDS originals, bare decode (500x375 JPEG)": bare_decode(originals, batch),
+      "TFDS originals, training pipeline": ip.train_batches(
+        originals, stats=stats, seed=0, num_parallel_calls=1, **crops
+      ),
+    }
+    rates = {name: [] for name in sides}
     for _ in range(args.rounds):
-      decode.append(rate(bare, args.seconds, batch))
-      augment.append(rate(full, args.seconds, batch))
-    d, a = float(np.median(decode)), float(np.median(augment))
-    print(f"bare decode (256x256 JPEG):          {d:8.1f} images/s per core")
-    print(f"full training augmentation (227):    {a:8.1f} images/s per core")
+      for name, iterator in sides.items():
+        rates[name].append(rate(iterator, args.seconds, batch))
+    median = {name: float(np.median(r)) for name, r in rates.items()}
+    for name, value in median.items():
+      print(f"{name + ':':46s}{value:8.1f} images/s per core")
+    shard_decode, shard_train, tfds_decode, tfds_train = median.values()
     print(
       json.dumps(
         {
-          "decode_images_per_sec_per_core": round(d, 1),
-          "augment_images_per_sec_per_core": round(a, 1),
-          "augment_over_decode": round(a / d, 3),
+          "decode_images_per_sec_per_core": round(shard_decode, 1),
+          "augment_images_per_sec_per_core": round(shard_train, 1),
+          "augment_over_decode": round(shard_train / shard_decode, 3),
+          "tfds_decode_images_per_sec_per_core": round(tfds_decode, 1),
+          "tfds_augment_images_per_sec_per_core": round(tfds_train, 1),
+          "prepared_over_tfds": round(shard_train / tfds_train, 3),
         }
       )
     )

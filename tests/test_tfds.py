@@ -45,17 +45,12 @@ def make_manual_dir(root: str) -> None:
       add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(1000 + i, size=(80, 95), mode=mode))
 
 
-def build(data_dir: str, manual_dir: str, file_format: str = "array_record") -> None:
-  builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format=file_format)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-
-
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> str:
   """A TFDS data directory holding imagenet2012 (22 train, 8 validation images)."""
   root = tmp_path_factory.mktemp("tfds")
   make_manual_dir(str(root / "manual"))
-  build(str(root / "data"), str(root / "manual"))
+  tfds_data.build("imagenet2012", str(root / "data"), str(root / "manual"))
   return str(root / "data")
 
 
@@ -178,7 +173,10 @@ def unlabelled_dir(tmp_path_factory) -> str:
 def tfrecord_dir(tfds_dir, tmp_path_factory) -> str:
   root = tmp_path_factory.mktemp("tfrecord")
   make_manual_dir(str(root / "manual"))
-  build(str(root / "data"), str(root / "manual"), file_format="tfrecord")
+  builder = tfds.builder("imagenet2012", data_dir=str(root / "data"), file_format="tfrecord")
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(root / "manual"))
+  )
   return str(root / "data")
 
 
@@ -190,13 +188,14 @@ def tfrecord_dir(tfds_dir, tmp_path_factory) -> str:
     (
       "empty",
       {"dataset": "tfds:imagenette/320px-v2"},
-      r"imagenette/320px-v2 is not prepared in .*`tfds build imagenette/320px-v2 --data_dir=.* "
-      "--file_format=array_record`",
+      r"imagenette/320px-v2 is not prepared in .*`python -m alexnet_jax.tfds_data "
+      "--dataset=imagenette/320px-v2 --data_dir=.*`, or `tfds build` with "
+      "--file_format=array_record",
     ),
-    ("empty", {"dataset": "imagenet2012"}, "--file_format=array_record --manual_dir=DIR"),
+    ("empty", {"dataset": "imagenet2012"}, "--dataset=imagenet2012 --data_dir=.* --manual_dir=DIR"),
     ("built", {"eval_split": "test"}, r"cannot read split 'test' .*train, validation"),
     ("built", {"num_classes": 10}, "TFDS dataset imagenet2012 has 1000 classes"),
-    ("tfrecord", {}, r"stored as tfrecord.*rebuild it with `tfds build imagenet2012"),
+    ("tfrecord", {}, r"stored as tfrecord.*rebuild it with `python -m alexnet_jax.tfds_data"),
     ("unlabelled", {"dataset": "tfds:images_only"}, "has no class-label feature"),
   ],
 )
