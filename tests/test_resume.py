@@ -72,6 +72,7 @@ def test_any_intervals_and_the_plateau_schedule_resume_exactly(tmp_path, data_di
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_counters_continue_across_a_resume(tmp_path, data_dir, monkeypatch):
   """Skipped steps (every step: the mean image is NaN) and unreadable images (every fifth
   training file broken) count the whole run, not the last resume's part. Stopped after step 2
