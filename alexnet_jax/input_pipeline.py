@@ -189,6 +189,49 @@ class Shards:
 
 
 @dataclasses.dataclass(frozen=True)
+class RawShards:
+  """A split written by `prepare --format=raw`: per shard one (n, side, side, 3) uint8 .npy
+  array, memory-mapped (an image is one contiguous read, nothing to decode), and its labels
+  (.labels.npy). The pixels are those of the JPEG shards they were decoded from."""
+
+  files: tuple[str, ...]
+  counts: tuple[int, ...]
+  classes: tuple[str, ...]
+  side: int
+
+  def __len__(self) -> int:
+    return sum(self.counts)
+
+  def describe(self, index: int) -> str:
+    return f"{os.path.dirname(self.files[0])}#{index}"
+
+  def open(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """(the memory-mapped image arrays, every label in split order, each shard's first
+    index), checked against the counts `prepare` recorded."""
+    images, labels = [], []
+    for path, count in zip(self.files, self.counts):
+      array = np.load(path, mmap_mode="r")
+      label = np.load(raw_labels_path(path))
+      if array.shape != (count, self.side, self.side, 3) or label.shape != (count,):
+        raise UserInputError(
+          f"raw shard {path} holds {array.shape} images and {label.shape} labels, not the "
+          f"{count} {self.side}x{self.side} of its info file: it is damaged or from another "
+          "run; delete it and rerun `python -m alexnet_jax.prepare --format=raw --data_dir=...`"
+        )
+      images.append(array)
+      labels.append(label.astype(np.int32))
+    starts = np.cumsum([0, *self.counts[:-1]])
+    return images, np.concatenate(labels), starts
+
+
+def raw_labels_path(raw_path: str) -> str:
+  return raw_path[: -len(".npy")] + ".labels.npy"
+
+
+FORMATS = ("jpeg", "raw")  # of prepared shards, recorded in their info file
+
+
+@dataclasses.dataclass(frozen=True)
 class Stats:
   """What training subtracts and how it jitters colour: a (side, side, 3) mean image in 0-255,
   and the eigenvalues/eigenvectors (columns) of the covariance of [0, 1] RGB values."""
@@ -198,8 +241,8 @@ class Stats:
   eigvec: np.ndarray
 
 
-def read_prepared(data_dir: str) -> tuple[Shards, Shards]:
-  """The train and val shards of a prepared data_dir."""
+def read_prepared(data_dir: str) -> tuple[Shards, Shards] | tuple[RawShards, RawShards]:
+  """The train and val shards of a prepared data_dir, in the format `prepare` wrote last."""
   path = os.path.join(data_dir or "", SHARD_INFO)
   if not os.path.exists(path):
     raise UserInputError(
@@ -210,8 +253,27 @@ def read_prepared(data_dir: str) -> tuple[Shards, Shards]:
     )
   with open(path) as f:
     info = json.load(f)
+  fmt = info.get("format", "jpeg")
+  if fmt not in FORMATS:
+    raise UserInputError(
+      f"{path} names format {fmt!r}, which this version does not read ({', '.join(FORMATS)}): "
+      "rerun `python -m alexnet_jax.prepare` with this version"
+    )
   splits = []
   for name in ("train", "val"):
+    if fmt == "raw":
+      raw = info["splits"][name]["raw"]
+      files = tuple(os.path.join(data_dir, name, f) for f in raw["files"])
+      missing = [f for f in files if not os.path.exists(f)]
+      if missing:
+        raise UserInputError(
+          f"raw {name} shards missing in {data_dir}: {missing[:3]}; rerun "
+          f"`python -m alexnet_jax.prepare --format=raw --data_dir={data_dir}` to write them"
+        )
+      split = RawShards(files, tuple(raw["counts"]), tuple(info["classes"]), info["image_side"])
+      split.open()  # sizes checked now, before any work (memory maps: nothing is read)
+      splits.append(split)
+      continue
     files = tuple(os.path.join(data_dir, name, f) for f in info["splits"][name]["files"])
     missing = [f for f in files if not os.path.exists(f)]
     if missing or not files:
@@ -300,8 +362,8 @@ def rescaled_sample(
   return ds.prefetch(2).as_numpy_iterator()
 
 
-def _side(split: Split | Shards | Records, resize_size: int) -> int:
-  return split.side if isinstance(split, Shards) else resize_size
+def _side(split: Split | Shards | RawShards | Records, resize_size: int) -> int:
+  return split.side if isinstance(split, (Shards, RawShards)) else resize_size
 
 
 def readers(split: Shards):
@@ -324,8 +386,14 @@ def readers(split: Shards):
     return image, label
 
   def window(i, y, x, size):
+    """The crop's pixels exactly as a full decode gives them: the fused decode treats its
+    window's left and right edges as the image's (chroma upsampling has no neighbour
+    there), so it decodes a column more on the left and a few on the right, then slices."""
     jpeg, label = record(i)
-    image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([y, x, size, size]), channels=3)
+    left = tf.minimum(x, 1)
+    width = tf.minimum(left + size + 8, split.side - x + left)
+    box = tf.stack([y, x - left, size, width])
+    image = tf.io.decode_and_crop_jpeg(jpeg, box, channels=3)[:, left : left + size]
     image.set_shape((size, size, 3))
     return image, label
 
@@ -378,7 +446,7 @@ def pca_colour(alpha: tf.Tensor, stats: Stats) -> tf.Tensor:
 
 
 def train_batches(
-  split: Split | Shards | Records,
+  split: Split | Shards | RawShards | Records,
   *,
   batch_size: int,
   image_size: int,
@@ -422,9 +490,10 @@ def train_batches(
   )
   mine = tf.reshape(mine, [-1])  # this process's rows of every global batch of an epoch
 
-  def epoch(e):
-    """Epoch e's permutation and random draws, made for the whole split at once and then
-    cut by position: any process count sees the same global batches."""
+  def draws(e):
+    """Epoch e's permutation and random draws (index, offset, flip, colour), made for the
+    whole split at once and then cut by position: any process count sees the same global
+    batches."""
     perm = tf.random.experimental.stateless_shuffle(
       tf.range(n, dtype=tf.int64), seed=tf.stack([seed, e])
     )
@@ -434,9 +503,17 @@ def train_batches(
     flip = tf.random.stateless_uniform([n], s[2]) < 0.5
     colour = pca_colour(pca_std * tf.random.stateless_normal([n, 3], s[3]), stats)
     pick = lambda a: tf.gather(a, mine)
-    return tf.data.Dataset.from_tensor_slices(
-      (pick(perm), pick(tf.stack([y, x], 1)), pick(flip), pick(colour))
+    return pick(perm), pick(tf.stack([y, x], 1)), pick(flip), pick(colour)
+
+  per_epoch = steps * batch_size
+  first = start_step * batch_size
+  if isinstance(split, RawShards):
+    return SkipCounter(
+      _raw_train(split, draws, per_epoch, first, batch_size, image_size), first, split
     )
+
+  def epoch(e):
+    return tf.data.Dataset.from_tensor_slices(draws(e))
 
   def element(ordinal, drawn, crop, label):
     _, offset, flip, colour = drawn
@@ -449,8 +526,6 @@ def train_batches(
       "ordinal": ordinal,
     }
 
-  per_epoch = steps * batch_size
-  first = start_step * batch_size
   ds = (
     tf.data.Dataset.range(first // per_epoch, 1 << 40)
     .flat_map(epoch)
@@ -478,6 +553,36 @@ def train_batches(
     ds = _drop_unreadable(ds.map(load, **parallel))
   batches = ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator()
   return SkipCounter(batches, first, split)
+
+
+def _raw_train(
+  split: RawShards, draws, per_epoch: int, first: int, batch_size: int, size: int
+) -> Iterator[dict]:
+  """train_batches' batches from raw shards, without tf.data: the same draws, then each crop
+  one strided copy out of the memory-mapped arrays (numpy releases the GIL for it)."""
+  images, labels, starts = split.open()
+  position, epoch, drawn = first, None, None
+  while True:
+    e, k = divmod(position, per_epoch)
+    if e != epoch:
+      # Drawn inside tf.data, as the tf.data path draws them (eager kernels differ in the last bit).
+      epoch_ds = tf.data.Dataset.from_tensors(tf.constant(e, tf.int64)).map(draws)
+      epoch, drawn = e, [t.numpy() for t in epoch_ds.get_single_element()]
+    index, offset, flip, colour = (a[k : k + batch_size] for a in drawn)
+    shard = np.searchsorted(starts, index, side="right") - 1
+    row = index - starts[shard]
+    batch = np.empty((batch_size, size, size, 3), np.uint8)
+    for j, (s, r, (y, x)) in enumerate(zip(shard, row, offset)):
+      batch[j] = images[s][r, y : y + size, x : x + size]
+    yield {
+      "image": batch,
+      "label": labels[index],
+      "offset": offset,
+      "flip": flip,
+      "colour": colour,
+      "ordinal": np.arange(position, position + batch_size, dtype=np.int64),
+    }
+    position += batch_size
 
 
 def _drop_unreadable(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -534,7 +639,7 @@ def eval_windows(side: int, size: int, crops: int) -> list[tuple[int, int, bool]
 
 
 def eval_batches(
-  split: Split | Shards | Records,
+  split: Split | Shards | RawShards | Records,
   *,
   batch_size: int,
   image_size: int,
@@ -572,6 +677,9 @@ def eval_batches(
       "mask": m,
     }
 
+  if isinstance(split, RawShards):
+    raw = _raw_eval(split, index, mask, windows, image_size, batch_size)
+    return UnreadableCounter(raw, mask)
   ds = tf.data.Dataset.from_tensor_slices((index, mask))
   if isinstance(split, Shards):  # `prepare` wrote only images it could read: nothing to catch
     whole, window = readers(split)
@@ -593,6 +701,37 @@ def eval_batches(
     ds = _decoded(ds, split, lambda i, m: i, num_parallel_calls)
   ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
   return UnreadableCounter(ds.batch(batch_size).prefetch(2).as_numpy_iterator(), mask)
+
+
+def _raw_eval(
+  split: RawShards,
+  index: np.ndarray,
+  mask: np.ndarray,
+  windows: list[tuple[int, int, bool]],
+  size: int,
+  batch_size: int,
+) -> Iterator[dict]:
+  """eval_batches' batches from raw shards: the same patches, copied out of the arrays."""
+  images, labels, starts = split.open()
+  offsets = np.asarray([[y, x] for y, x, _ in windows], np.int32)
+  flips = np.asarray([f for _, _, f in windows])
+  for b in range(0, len(index), batch_size):
+    rows = index[b : b + batch_size]
+    shard = np.searchsorted(starts, rows, side="right") - 1
+    patches = np.stack(
+      [
+        [images[s][r - starts[s], y : y + size, x : x + size] for y, x in offsets]
+        for s, r in zip(shard, rows)
+      ]
+    )
+    one = len(windows) == 1
+    yield {
+      "image": patches[:, 0] if one else patches,
+      "label": labels[rows],
+      "offset": np.broadcast_to(offsets[0] if one else offsets, (len(rows), *offsets.shape[one:])),
+      "flip": np.broadcast_to(flips[0] if one else flips, (len(rows), *flips.shape[one:])),
+      "mask": mask[b : b + batch_size],
+    }
 
 
 class UnreadableCounter:

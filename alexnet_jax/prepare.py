@@ -13,6 +13,15 @@ is ~8x smaller than raw pixels and decodes (with the fused crop) in a fraction o
 time of a full-size image. Shards are written under a temporary name and renamed when
 complete, so an interrupted run restarts where it stopped. ImageNet's labels come from
 tensorflow-datasets' own label files. Unreadable images are skipped, named and counted.
+
+  python -m alexnet_jax.prepare --manual_dir=DIR --data_dir=OUT --format=raw
+  python -m alexnet_jax.prepare --data_dir=OUT --format=raw     # JPEG shards already in OUT
+
+--format=raw also writes every image decoded, uint8 256x256x3, as one memory-mappable .npy
+array per shard (8x the disk: about 252 GB for ImageNet against 30 GB of JPEG): training
+then decodes nothing, and one core feeds several times the images/s. The raw arrays are
+decoded from the JPEG shards (the same pixels, so the same training), which is also how
+existing JPEG shards are converted without the archives.
 """
 
 from __future__ import annotations
@@ -34,10 +43,13 @@ from absl import flags, logging
 from PIL import Image
 
 from alexnet_jax import cli
+from alexnet_jax import files as files_lib
 from alexnet_jax.errors import UserInputError
 
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 SIDE = 256
+RAW_IMAGE_BYTES = SIDE * SIDE * 3
+AVERAGE_JPEG_BYTES = 110_000  # ImageNet's training JPEGs: 147 GB / 1.28M, to size raw shards
 VAL_SHARD = 1000
 _EXT = ".array_record"
 
@@ -220,6 +232,25 @@ def _folder_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
   return train, val, classes
 
 
+def _input_images(manual_dir: str, archives: bool) -> int:
+  """How many images the input holds: counted in a folder tree, estimated for archives."""
+  if archives:
+    return _input_bytes(manual_dir, archives) // AVERAGE_JPEG_BYTES
+  return sum(
+    f.lower().endswith((".jpg", ".jpeg", ".png")) for _, _, fs in os.walk(manual_dir) for f in fs
+  )
+
+
+def _check_disk(data_dir: str, need: int, what: str) -> None:
+  free = shutil.disk_usage(data_dir).free
+  logging.info("%s need about %.1f GiB; %.1f GiB free", what, need / 2**30, free / 2**30)
+  if free < need:
+    raise UserInputError(
+      f"{data_dir} has {free / 2**30:.1f} GiB free; {what} need about {need / 2**30:.1f} GiB: "
+      "free some space or choose another --data_dir"
+    )
+
+
 def _input_bytes(manual_dir: str, archives: bool) -> int:
   if archives:
     return sum(os.path.getsize(os.path.join(manual_dir, t)) for t in (TRAIN_TAR, VAL_TAR))
@@ -257,8 +288,11 @@ def prepare(
   stats_images: int = 10_000,
   quality: int = 90,
   workers: int | None = None,
+  fmt: str = "jpeg",
 ) -> dict:
-  """Writes data_dir/{train,val}/*.array_record, dataset_info.json, stats.npz; returns the info."""
+  """Writes data_dir/{train,val}/*.array_record, dataset_info.json, stats.npz (and with
+  fmt="raw" the raw arrays, `to_raw`); returns the info."""
+  _check_format(fmt)
   if not os.path.isdir(manual_dir):
     raise UserInputError(
       f"manual_dir {manual_dir!r} does not exist: download {TRAIN_TAR} and {VAL_TAR} "
@@ -276,12 +310,11 @@ def prepare(
       f"{manual_dir} holds neither {TRAIN_TAR} + {VAL_TAR} nor train/ and val/ class folders"
     )
   os.makedirs(data_dir, exist_ok=True)
-  need, free = _input_bytes(manual_dir, archives) // 3, shutil.disk_usage(data_dir).free
-  if free < need:
-    raise UserInputError(
-      f"{data_dir} has {free / 2**30:.1f} GiB free; the shards need about {need / 2**30:.1f} GiB: "
-      "free some space or choose another --data_dir"
-    )
+  need, what = _input_bytes(manual_dir, archives) // 3, "the JPEG shards"
+  if fmt == "raw":
+    raw = _input_images(manual_dir, archives) * RAW_IMAGE_BYTES
+    need, what = need + raw, f"the JPEG shards and the raw arrays ({raw / 2**30:.1f} GiB)"
+  _check_disk(data_dir, need, what)
   try:
     train_jobs, val_jobs, classes = (_archive_jobs if archives else _folder_jobs)(manual_dir)
   except tarfile.TarError as e:
@@ -335,8 +368,7 @@ def prepare(
   }
   from alexnet_jax.input_pipeline import SHARD_INFO, SHARD_STATS  # the names it reads
 
-  with open(os.path.join(data_dir, SHARD_INFO), "w") as f:
-    json.dump(info, f, indent=1)
+  files_lib.write_text(os.path.join(data_dir, SHARD_INFO), json.dumps(info, indent=1))
   stats_path = os.path.join(data_dir, SHARD_STATS)
   if not os.path.exists(stats_path) and stats_images > 0:
     np.savez(stats_path + ".tmp.npz", **compute_stats(files["train"], stats_images))
@@ -347,7 +379,73 @@ def prepare(
     info["splits"]["train"]["num_images"],
     info["splits"]["val"]["num_images"],
   )
+  return to_raw(data_dir) if fmt == "raw" else info
+
+
+def to_raw(data_dir: str) -> dict:
+  """Writes beside each JPEG shard of data_dir its images decoded (SHARD.npy, uint8
+  (n, 256, 256, 3)) and labels (SHARD.labels.npy), then marks the info file raw; returns it.
+  Each array is written under a temporary name and renamed when complete, the info file
+  last: an interrupted conversion reruns without redoing finished shards."""
+  import tensorflow as tf
+
+  from alexnet_jax.input_pipeline import SHARD_INFO, Shards, raw_labels_path, readers
+
+  path = os.path.join(data_dir, SHARD_INFO)
+  if not os.path.exists(path):
+    raise UserInputError(
+      f"no JPEG shards to convert in {data_dir} ({SHARD_INFO} missing): pass --manual_dir too"
+    )
+  with open(path) as f:
+    info = json.load(f)
+  jobs = [
+    (split, os.path.join(data_dir, split, name))
+    for split in ("train", "val")
+    for name in info["splits"][split]["files"]
+  ]
+  missing = [p for _, p in jobs if not os.path.exists(p)]
+  if missing:
+    raise UserInputError(f"JPEG shards listed in {path} are missing: {missing[:3]}")
+  todo = [(s, p, num_records(p)) for s, p in jobs if not os.path.exists(_raw_path(p))]
+  total = sum(n for _, _, n in todo)
+  _check_disk(data_dir, total * RAW_IMAGE_BYTES, f"the raw arrays of {total} images")
+  for split, jpeg_path, n in todo:
+    shard = Shards((jpeg_path,), n, tuple(info["classes"]), info["image_side"])
+    whole, _ = readers(shard)
+    decoded = tf.data.Dataset.range(n).map(whole, num_parallel_calls=-1, deterministic=True)
+    raw_path, side = _raw_path(jpeg_path), info["image_side"]
+    images = np.lib.format.open_memmap(raw_path + ".tmp", "w+", np.uint8, (n, side, side, 3))
+    labels = np.empty(n, np.int32)
+    done = 0
+    for image, label in decoded.batch(256).as_numpy_iterator():
+      images[done : done + len(image)], labels[done : done + len(image)] = image, label
+      done += len(image)
+    images.flush()
+    del images
+    with files_lib.atomic_path(raw_labels_path(raw_path)) as tmp:
+      np.save(tmp, labels)
+    os.replace(raw_path + ".tmp", raw_path)
+    logging.info("raw %s shard %s: %d images", split, os.path.basename(raw_path), n)
+  for split in ("train", "val"):
+    names = info["splits"][split]["files"]
+    info["splits"][split]["raw"] = {
+      "files": [os.path.basename(_raw_path(n)) for n in names],
+      "counts": [num_records(os.path.join(data_dir, split, n)) for n in names],
+    }
+  info["format"] = "raw"
+  files_lib.write_text(path, json.dumps(info, indent=1))
   return info
+
+
+def _check_format(fmt: str) -> None:
+  from alexnet_jax.input_pipeline import FORMATS
+
+  if fmt not in FORMATS:
+    raise UserInputError(f"--format={fmt}: choose one of {', '.join(FORMATS)}")
+
+
+def _raw_path(jpeg_shard: str) -> str:
+  return jpeg_shard[: -len(_EXT)] + ".npy"
 
 
 def define_flags() -> None:
@@ -360,13 +458,20 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("quality", 90, "JPEG quality of the re-encoded 256x256 images.")
   flags.DEFINE_integer("workers", None, "Encoding processes (default: one per CPU).")
+  flags.DEFINE_string(
+    "format", "jpeg", "jpeg: 256x256 JPEG shards; raw: also their decoded pixels (8x the disk)."
+  )
 
 
 def main() -> None:
   f = flags.FLAGS
-  if not f.manual_dir or not f.data_dir:
+  _check_format(f.format)
+  if f.data_dir and not f.manual_dir and f.format == "raw":
+    to_raw(f.data_dir)  # the JPEG shards already there
+  elif not f.manual_dir or not f.data_dir:
     raise UserInputError("pass --manual_dir=DIR (the archives or class folders) and --data_dir=OUT")
-  prepare(f.manual_dir, f.data_dir, f.stats_images, f.quality, f.workers)
+  else:
+    prepare(f.manual_dir, f.data_dir, f.stats_images, f.quality, f.workers, f.format)
 
 
 if __name__ == "__main__":

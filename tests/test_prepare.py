@@ -2,14 +2,17 @@
 
 import concurrent.futures
 import io
+import json
 import os
+import shutil
 import tarfile
 
+import jax
 import numpy as np
 import pytest
-from conftest import add, jpeg
+from conftest import add, jpeg, params_of
 
-from alexnet_jax import input_pipeline, prepare, train
+from alexnet_jax import input_pipeline, metrics, prepare, train
 from alexnet_jax.errors import UserInputError
 from configs import default
 
@@ -86,8 +89,65 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(prepared):
   assert os.path.exists(shards[-1]) and os.path.getmtime(shards[-1]) > 0
 
 
+@pytest.fixture(scope="module")
+def raw_dir(prepared, tmp_path_factory) -> str:
+  """A copy of the prepared JPEG shards converted to raw in place (no archives needed)."""
+  _, out, _, _ = prepared
+  raw = shutil.copytree(out, tmp_path_factory.mktemp("raw") / "out")
+  info = prepare.to_raw(str(raw))
+  assert info["format"] == "raw"
+  return str(raw)
+
+
+def assert_same_batches(a, b, count):
+  for _ in range(count):
+    x, y = next(a), next(b)
+    assert x.keys() == y.keys()
+    for key in x:
+      assert x[key].dtype == y[key].dtype, key
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_raw_shards_give_the_batches_of_the_jpeg_shards(prepared, raw_dir):
+  """The same crops, flips, colours and labels for the same seed, step and process, and the
+  same ten patches: raw shards hold the JPEG shards' pixels, decoded once."""
+  _, out, _, _ = prepared
+  (jpeg_train, jpeg_val), (raw_train, raw_val) = map(input_pipeline.read_prepared, (out, raw_dir))
+  assert isinstance(raw_train, input_pipeline.RawShards) and len(raw_train) == len(jpeg_train)
+  stats = input_pipeline.load_stats(out, 256, (0, 0, 0))
+  for start_step, process_index in ((0, 0), (3, 1)):
+    kw = dict(batch_size=4, image_size=227, resize_size=256, stats=stats, seed=5)
+    kw |= dict(start_step=start_step, process_index=process_index, process_count=2)
+    batches = (input_pipeline.train_batches(s, **kw) for s in (jpeg_train, raw_train))
+    assert_same_batches(*batches, count=5)  # past an epoch (2 steps of 8 from 20)
+  for crops in (1, 10):
+    kw = dict(batch_size=4, image_size=227, resize_size=256, crops=crops)
+    batches = (input_pipeline.eval_batches(s, **kw) for s in (jpeg_val, raw_val))
+    assert_same_batches(*batches, count=2)
+
+
+def test_bad_raw_shards_are_one_line_errors_before_any_work(raw_dir, tmp_path, monkeypatch):
+  broken = shutil.copytree(raw_dir, tmp_path / "broken")
+  first = sorted(p for p in broken.glob("train/*.npy") if not p.name.endswith(".labels.npy"))[0]
+  np.save(first, np.load(first)[:1])  # one image where the info file says 3
+  with pytest.raises(UserInputError, match=r"raw shard .* holds \(1, 256, 256, 3\) images"):
+    input_pipeline.read_prepared(str(broken))
+  info = json.loads((broken / input_pipeline.SHARD_INFO).read_text())
+  (broken / input_pipeline.SHARD_INFO).write_text(json.dumps(info | {"format": "png"}))
+  with pytest.raises(UserInputError, match="names format 'png'"):
+    input_pipeline.read_prepared(str(broken))
+  with pytest.raises(UserInputError, match="--format=png: choose one of jpeg, raw"):
+    prepare.prepare(str(tmp_path), str(tmp_path / "out"), fmt="png")
+  # Too little disk: stopped before writing anything, nothing left as if complete.
+  jpeg_only = shutil.copytree(raw_dir, tmp_path / "jpeg", ignore=shutil.ignore_patterns("*.npy"))
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 10**6))
+  with pytest.raises(UserInputError, match=r"GiB free; the raw arrays of \d+ images need"):
+    prepare.to_raw(str(jpeg_only))
+  assert not list(jpeg_only.glob("*/*.npy*"))
+
+
 @pytest.mark.slow
-def test_train_and_evaluate_on_prepared_data(prepared, tmp_path):
+def test_train_and_evaluate_on_prepared_data(prepared, raw_dir, tmp_path):
   _, out, _, _ = prepared
   config = default.get_config()
   config.data_dir, config.image_size, config.batch_size = out, 67, 8
@@ -109,6 +169,19 @@ def test_train_and_evaluate_on_prepared_data(prepared, tmp_path):
   )
   with pytest.raises(UserInputError, match="has no checkpoint at step 7"):
     train.evaluate_checkpoint(config, workdir, step=7)
+  # The same run from raw shards: the same metrics and parameters, bit for bit.
+  config.data_dir = raw_dir
+  train.train_and_evaluate(config, str(tmp_path / "raw"))
+  for a, b in zip(
+    jax.tree.leaves(params_of(workdir)), jax.tree.leaves(params_of(tmp_path / "raw"))
+  ):
+    np.testing.assert_array_equal(a, b)
+  logged = lambda w: [  # noqa: E731
+    {k: v for k, v in r.items() if k != "images_per_sec"}
+    for r in metrics.read_metrics(str(w))
+    if "train/loss" in r
+  ]
+  assert logged(workdir) == logged(tmp_path / "raw")
 
 
 def test_bad_archives_are_named(tmp_path):
