@@ -561,13 +561,12 @@ def _raw_train(
   """train_batches' batches from raw shards, without tf.data: the same draws, then each crop
   one strided copy out of the memory-mapped arrays (numpy releases the GIL for it)."""
   images, labels, starts = split.open()
+  draws = tf.function(draws)  # a graph, as tf.data runs it (eager kernels differ in the last bit)
   position, epoch, drawn = first, None, None
   while True:
     e, k = divmod(position, per_epoch)
     if e != epoch:
-      # Drawn inside tf.data, as the tf.data path draws them (eager kernels differ in the last bit).
-      epoch_ds = tf.data.Dataset.from_tensors(tf.constant(e, tf.int64)).map(draws)
-      epoch, drawn = e, [t.numpy() for t in epoch_ds.get_single_element()]
+      epoch, drawn = e, [t.numpy() for t in draws(tf.constant(e, tf.int64))]
     index, offset, flip, colour = (a[k : k + batch_size] for a in drawn)
     shard = np.searchsorted(starts, index, side="right") - 1
     row = index - starts[shard]

@@ -1,11 +1,15 @@
-"""What `prepare` buys: the training pipeline and the bare JPEG decode on prepared 256x256
-shards and on TFDS originals (ImageNet-sized 500x375 JPEGs in a TFDS ArrayRecord dataset,
-read by `dataset=tfds:NAME`), images/s per CPU core.
+"""Training input per CPU core, by storage: raw prepared shards (`prepare --format=raw`:
+decoded uint8 arrays), prepared 256x256 JPEG shards and TFDS originals (ImageNet-sized
+500x375 JPEGs in a TFDS ArrayRecord dataset, read by `dataset=tfds:NAME`), with the bare
+JPEG decode of each JPEG source; images/s per core at batch 256.
 
   python benchmarks/input_pipeline.py [--images=600] [--seconds=10] [--rounds=3]
 
-All four sides read the same images with one map thread (num_parallel_calls=1) and batch the
-same way, in one process, alternating rounds, so the ratios are fair on a noisy machine.
+Every side reads the same images on one thread (tf.data: num_parallel_calls=1; raw shards
+are read without tf.data, in the calling thread), in one process, alternating rounds, so
+the ratios are fair on a noisy machine. Then the raw pipeline runs as two processes at once,
+each its share of every batch (as two hosts do): its figure on two cores, and, scaled
+linearly, a prediction for a 16-core host. The last line is JSON.
 The augmentation side is the real training pipeline: every random draw (227 window,
 flip, PCA colour alphas) and the fused decode-and-crop; the per-pixel arithmetic (mean
 image at the crop's position, colour, reflection) runs fused in the train step on the
@@ -13,6 +17,7 @@ device (`alexnet_jax.augment`), so it is not a host cost.
 """
 
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -84,6 +89,24 @@ def bare_decode(split, batch: int):
   )
 
 
+def raw_rate(args: tuple) -> float:
+  """One process's raw-pipeline images/s over its share (process_index of process_count)."""
+  data_dir, process_index, process_count, batch, seconds = args
+  train, _ = ip.read_prepared(data_dir)
+  stats = ip.load_stats(data_dir, 256, (0, 0, 0))
+  batches = ip.train_batches(
+    train,
+    stats=stats,
+    seed=0,
+    batch_size=batch // process_count,
+    image_size=227,
+    resize_size=256,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  return rate(batches, seconds, batch // process_count)
+
+
 def rate(iterator, seconds: float, batch: int) -> float:
   next(iterator)  # warm up
   count, start = 0, time.perf_counter()
@@ -103,14 +126,18 @@ def main() -> None:
   args = flags.FLAGS
   with tempfile.TemporaryDirectory() as tmp:
     make_folder(os.path.join(tmp, "raw"), args.images)
-    prepare.prepare(os.path.join(tmp, "raw"), os.path.join(tmp, "out"), stats_images=100)
+    out = os.path.join(tmp, "out")
+    prepare.prepare(os.path.join(tmp, "raw"), out, stats_images=100)
+    shards, _ = ip.read_prepared(out)  # JPEG, read before the conversion marks the info raw
+    prepare.to_raw(out)
+    raw, _ = ip.read_prepared(out)
     store_as_tfds(os.path.join(tmp, "raw"), os.path.join(tmp, "tfds"))
-    shards, _ = ip.read_prepared(os.path.join(tmp, "out"))
     originals, _, _ = tfds_data.open_splits("originals", os.path.join(tmp, "tfds"), "train", "")
-    stats = ip.load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
-    batch = 64
+    stats = ip.load_stats(out, 256, (0, 0, 0))
+    batch = 256
     crops = dict(batch_size=batch, image_size=227, resize_size=256)  # the paper's, one thread
     sides = {
+      "raw shards, training pipeline": ip.train_batches(raw, stats=stats, seed=0, **crops),
       "prepared shards, bare decode (256x256 JPEG)": bare_decode(shards, batch),
       "prepared shards, training pipeline": ip.train_batches(
         shards, stats=stats, seed=0, num_parallel_calls=1, **crops
@@ -124,22 +151,36 @@ def main() -> None:
     for _ in range(args.rounds):
       for name, iterator in sides.items():
         rates[name].append(rate(iterator, args.seconds, batch))
-    median = {name: float(np.median(r)) for name, r in rates.items()}
-    for name, value in median.items():
-      print(f"{name + ':':46s}{value:8.1f} images/s per core")
-    shard_decode, shard_train, tfds_decode, tfds_train = median.values()
-    print(
-      json.dumps(
-        {
-          "decode_images_per_sec_per_core": round(shard_decode, 1),
-          "augment_images_per_sec_per_core": round(shard_train, 1),
-          "augment_over_decode": round(shard_train / shard_decode, 3),
-          "tfds_decode_images_per_sec_per_core": round(tfds_decode, 1),
-          "tfds_augment_images_per_sec_per_core": round(tfds_train, 1),
-          "prepared_over_tfds": round(shard_train / tfds_train, 3),
-        }
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(2) as pool:
+      two = sum(
+        pool.map(raw_rate, [(out, i, 2, batch, args.seconds * args.rounds) for i in (0, 1)])
       )
+  median = {name: float(np.median(r)) for name, r in rates.items()}
+  for name, value in median.items():
+    print(f"{name + ':':46s}{value:8.1f} images/s per core")
+  raw_one, shard_decode, shard_train, tfds_decode, tfds_train = median.values()
+  to_device = 227 * 227 * 3 + 4 + 8 + 1 + 12  # uint8 crop, label, offset, flip, colour
+  print(f"raw shards, two processes at once:            {two:8.1f} images/s on 2 cores")
+  print(f"predicted for a 16-core host (8 x 2 cores):   {8 * two:8.0f} images/s")
+  print(f"bytes per image to the device:                {to_device:8d}")
+  print(
+    json.dumps(
+      {
+        "raw_images_per_sec_per_core": round(raw_one, 1),
+        "raw_images_per_sec_two_cores": round(two, 1),
+        "raw_predicted_images_per_sec_16_cores": round(8 * two),
+        "raw_over_jpeg": round(raw_one / shard_train, 3),
+        "decode_images_per_sec_per_core": round(shard_decode, 1),
+        "augment_images_per_sec_per_core": round(shard_train, 1),
+        "augment_over_decode": round(shard_train / shard_decode, 3),
+        "tfds_decode_images_per_sec_per_core": round(tfds_decode, 1),
+        "tfds_augment_images_per_sec_per_core": round(tfds_train, 1),
+        "prepared_over_tfds": round(shard_train / tfds_train, 3),
+        "bytes_per_image_to_device": to_device,
+      }
     )
+  )
 
 
 if __name__ == "__main__":
