@@ -14,7 +14,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from alexnet_jax import optim, sharding, steps
+from alexnet_jax import backend, optim, sharding, steps
 from alexnet_jax.models import AlexNet
 from alexnet_jax.steps import TrainState
 
@@ -39,8 +39,12 @@ def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
     lrn_alpha=m.lrn_alpha,
     lrn_beta=m.lrn_beta,
     dtype=jnp.dtype(config.dtype),
-    ops_impl=config.get("ops_impl", "fast"),  # workdirs from before ops_impl
+    ops_impl=_ops_impl(config.get("ops_impl", "fast")),  # workdirs from before ops_impl
   )
+
+
+def _ops_impl(setting: str) -> str:
+  return backend.default_ops_impl() if setting == "auto" else setting
 
 
 def create_optimizer(

@@ -11,9 +11,12 @@ runs on the CPU only; it never takes an accelerator from JAX.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
+import threading
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -509,7 +512,9 @@ def train_batches(
   first = start_step * batch_size
   if isinstance(split, RawShards):
     return SkipCounter(
-      _raw_train(split, draws, per_epoch, first, batch_size, image_size), first, split
+      _raw_train(split, draws, per_epoch, first, batch_size, image_size, num_parallel_calls),
+      first,
+      split,
     )
 
   def epoch(e):
@@ -556,24 +561,32 @@ def train_batches(
 
 
 def _raw_train(
-  split: RawShards, draws, per_epoch: int, first: int, batch_size: int, size: int
+  split: RawShards, draws, per_epoch: int, first: int, batch_size: int, size: int, threads: int
 ) -> Iterator[dict]:
   """train_batches' batches from raw shards, without tf.data: the same draws, then each crop
-  one strided copy out of the memory-mapped arrays (numpy releases the GIL for it)."""
+  one strided copy out of the memory-mapped arrays. Batches are made ahead, in order, by
+  `threads` threads (-1: one per core): numpy releases the GIL while it copies."""
   images, labels, starts = split.open()
   draws = tf.function(draws)  # a graph, as tf.data runs it (eager kernels differ in the last bit)
-  position, epoch, drawn = first, None, None
-  while True:
+  epochs, lock = {}, threading.Lock()
+
+  def drawn(e: int) -> list[np.ndarray]:
+    with lock:  # the first thread to need epoch e draws it; the others wait for it
+      if e not in epochs:
+        epochs[e] = [t.numpy() for t in draws(tf.constant(e, tf.int64))]
+        for old in [k for k in epochs if k < e - 1]:
+          del epochs[old]
+      return epochs[e]
+
+  def make(position: int) -> dict:
     e, k = divmod(position, per_epoch)
-    if e != epoch:
-      epoch, drawn = e, [t.numpy() for t in draws(tf.constant(e, tf.int64))]
-    index, offset, flip, colour = (a[k : k + batch_size] for a in drawn)
+    index, offset, flip, colour = (a[k : k + batch_size] for a in drawn(e))
     shard = np.searchsorted(starts, index, side="right") - 1
     row = index - starts[shard]
     batch = np.empty((batch_size, size, size, 3), np.uint8)
     for j, (s, r, (y, x)) in enumerate(zip(shard, row, offset)):
       batch[j] = images[s][r, y : y + size, x : x + size]
-    yield {
+    return {
       "image": batch,
       "label": labels[index],
       "offset": offset,
@@ -581,7 +594,16 @@ def _raw_train(
       "colour": colour,
       "ordinal": np.arange(position, position + batch_size, dtype=np.int64),
     }
-    position += batch_size
+
+  threads = threads if threads > 0 else os.cpu_count() or 1
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    ahead = collections.deque(pool.submit(make, first + i * batch_size) for i in range(2 * threads))
+    position = first + len(ahead) * batch_size
+    while True:
+      batch = ahead.popleft().result()
+      ahead.append(pool.submit(make, position))
+      position += batch_size
+      yield batch
 
 
 def _drop_unreadable(ds: tf.data.Dataset) -> tf.data.Dataset:

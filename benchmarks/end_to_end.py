@@ -8,6 +8,12 @@ them (random 227 crops, flips, PCA colour noise, the per-pixel mean image), each
 the devices as training puts it; the synthetic side is `alexnet_jax.bench`'s. Both run the
 same jitted train step, alternating in every round, in one process: on a CPU the tf.data
 threads and XLA share the cores, which is what the end-to-end figure is about.
+
+Then, per storage format (raw shards, `prepare --format=raw`, and JPEG shards), the fraction
+of step time spent waiting for input when the step is made fast: the on-device half of the
+augmentation alone (`augment.normalize`: mean image, colour, flip) with no net, so that on
+a CPU too the input is the bottleneck, as it would be for the real step on an accelerator.
+The loop is training's: batches put on the devices as training puts them, two ahead.
 The last line is JSON.
 """
 
@@ -16,6 +22,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # input_pipeline.py beside it
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package
@@ -24,7 +31,7 @@ import jax
 from absl import flags
 from input_pipeline import make_folder
 
-from alexnet_jax import bench, cli, prepare
+from alexnet_jax import augment, bench, cli, prepare, sharding, train
 from alexnet_jax import input_pipeline as ip
 
 
@@ -35,6 +42,31 @@ def define_flags() -> None:
   flags.DEFINE_float("round_seconds", 5.0, "Seconds per side per round.")
   flags.DEFINE_string("dtype", "float32", "Computation dtype: float32 or bfloat16.")
   flags.DEFINE_string("mesh", "none", "'none' (no mesh) or DATAxMODEL, e.g. 1x2.")
+  flags.DEFINE_integer("fast_batch_size", 256, "Batch of the input-bound loop.")
+  flags.DEFINE_integer("fast_steps", 40, "Steps of the input-bound loop, per format.")
+
+
+def input_wait(batches, mean_image, steps: int) -> dict:
+  """Training's loop around a step that only normalizes its batch: the fraction of the wall
+  time spent in next() (making the batch or waiting for it), and images/s."""
+  mesh = sharding.make_mesh(1, jax.devices()[:1])
+  step = jax.jit(lambda b, m: augment.normalize(b, m).sum())
+  mean = jax.device_put(mean_image)
+  stream = train.prefetch(train.to_global(b, sharding.batch_sharding(mesh)) for b in batches)
+  jax.block_until_ready(step(next(stream), mean))  # compiled, pipeline warm
+  waited, start, out = 0.0, time.perf_counter(), None
+  for _ in range(steps):
+    t = time.perf_counter()
+    batch = next(stream)
+    waited += time.perf_counter() - t
+    out = step(batch, mean)
+  jax.block_until_ready(out)
+  total = time.perf_counter() - start
+  size = batch["image"].shape[0]
+  return {
+    "wait_fraction": round(waited / total, 3),
+    "images_per_sec": round(steps * size / total, 1),
+  }
 
 
 def main() -> None:
@@ -57,6 +89,12 @@ def main() -> None:
     }
     counts = {k: bench.steps_for(r, args.round_seconds) for k, r in runners.items()}
     times = bench.time_rounds(runners, counts, args.rounds)
+    fast = dict(batch_size=args.fast_batch_size, image_size=227, resize_size=256, stats=stats)
+    formats = {"jpeg": ip.train_batches(train, seed=1, **fast)}
+    prepare.to_raw(os.path.join(tmp, "out"))
+    raw, _ = ip.read_prepared(os.path.join(tmp, "out"))
+    formats["raw"] = ip.train_batches(raw, seed=1, **fast)
+    waits = {k: input_wait(b, stats.mean_image, args.fast_steps) for k, b in formats.items()}
   rows = {k: round(args.batch_size / statistics.median(t), 2) for k, t in times.items()}
   ratio = round(bench.median_ratio(times["synthetic"], times["input pipeline"]), 3)
   print(
@@ -64,6 +102,12 @@ def main() -> None:
     f"{args.dtype}: synthetic {rows['synthetic']} images/s, "
     f"input pipeline {rows['input pipeline']} images/s ({ratio}x)"
   )
+  for name, w in waits.items():
+    print(
+      f"{name} shards, step = normalize only, batch {args.fast_batch_size}: "
+      f"{100 * w['wait_fraction']:.1f}% of step time waiting for input, "
+      f"{w['images_per_sec']} images/s"
+    )
   print(
     json.dumps(
       {
@@ -76,6 +120,7 @@ def main() -> None:
         "synthetic_images_per_sec": rows["synthetic"],
         "pipeline_images_per_sec": rows["input pipeline"],
         "pipeline_over_synthetic": ratio,
+        "input_bound": waits,
       }
     )
   )

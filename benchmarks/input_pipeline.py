@@ -5,11 +5,11 @@ JPEG decode of each JPEG source; images/s per core at batch 256.
 
   python benchmarks/input_pipeline.py [--images=600] [--seconds=10] [--rounds=3]
 
-Every side reads the same images on one thread (tf.data: num_parallel_calls=1; raw shards
-are read without tf.data, in the calling thread), in one process, alternating rounds, so
-the ratios are fair on a noisy machine. Then the raw pipeline runs as two processes at once,
-each its share of every batch (as two hosts do): its figure on two cores, and, scaled
-linearly, a prediction for a 16-core host. The last line is JSON.
+Every side reads the same images on one thread (num_parallel_calls=1: one tf.data map
+thread, or for raw shards, which need no tf.data, one copying thread), in one process,
+alternating rounds, so the ratios are fair on a noisy machine; the raw pipeline also runs
+with two threads: its figure on two cores, and, scaled linearly, a prediction for a 16-core
+host. The last line is JSON.
 The augmentation side is the real training pipeline: every random draw (227 window,
 flip, PCA colour alphas) and the fused decode-and-crop; the per-pixel arithmetic (mean
 image at the crop's position, colour, reflection) runs fused in the train step on the
@@ -17,7 +17,6 @@ device (`alexnet_jax.augment`), so it is not a host cost.
 """
 
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -89,24 +88,6 @@ def bare_decode(split, batch: int):
   )
 
 
-def raw_rate(args: tuple) -> float:
-  """One process's raw-pipeline images/s over its share (process_index of process_count)."""
-  data_dir, process_index, process_count, batch, seconds = args
-  train, _ = ip.read_prepared(data_dir)
-  stats = ip.load_stats(data_dir, 256, (0, 0, 0))
-  batches = ip.train_batches(
-    train,
-    stats=stats,
-    seed=0,
-    batch_size=batch // process_count,
-    image_size=227,
-    resize_size=256,
-    process_index=process_index,
-    process_count=process_count,
-  )
-  return rate(batches, seconds, batch // process_count)
-
-
 def rate(iterator, seconds: float, batch: int) -> float:
   next(iterator)  # warm up
   count, start = 0, time.perf_counter()
@@ -137,7 +118,12 @@ def main() -> None:
     batch = 256
     crops = dict(batch_size=batch, image_size=227, resize_size=256)  # the paper's, one thread
     sides = {
-      "raw shards, training pipeline": ip.train_batches(raw, stats=stats, seed=0, **crops),
+      "raw shards, training pipeline": ip.train_batches(
+        raw, stats=stats, seed=0, num_parallel_calls=1, **crops
+      ),
+      "raw shards, training pipeline, 2 threads": ip.train_batches(
+        raw, stats=stats, seed=0, num_parallel_calls=2, **crops
+      ),
       "prepared shards, bare decode (256x256 JPEG)": bare_decode(shards, batch),
       "prepared shards, training pipeline": ip.train_batches(
         shards, stats=stats, seed=0, num_parallel_calls=1, **crops
@@ -151,17 +137,11 @@ def main() -> None:
     for _ in range(args.rounds):
       for name, iterator in sides.items():
         rates[name].append(rate(iterator, args.seconds, batch))
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(2) as pool:
-      two = sum(
-        pool.map(raw_rate, [(out, i, 2, batch, args.seconds * args.rounds) for i in (0, 1)])
-      )
   median = {name: float(np.median(r)) for name, r in rates.items()}
   for name, value in median.items():
-    print(f"{name + ':':46s}{value:8.1f} images/s per core")
-  raw_one, shard_decode, shard_train, tfds_decode, tfds_train = median.values()
+    print(f"{name + ':':46s}{value:8.1f} images/s")
+  raw_one, two, shard_decode, shard_train, tfds_decode, tfds_train = median.values()
   to_device = 227 * 227 * 3 + 4 + 8 + 1 + 12  # uint8 crop, label, offset, flip, colour
-  print(f"raw shards, two processes at once:            {two:8.1f} images/s on 2 cores")
   print(f"predicted for a 16-core host (8 x 2 cores):   {8 * two:8.0f} images/s")
   print(f"bytes per image to the device:                {to_device:8d}")
   print(

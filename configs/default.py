@@ -46,8 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_parallelism = 1  # mesh 'model' axis: 1, or 2 for one tower per device
   config.dtype = "float32"  # computation dtype: "float32" | "bfloat16"
   # "fast": hand-written pooling and LRN gradients | "plain": XLA's own (the reference); equal up to
-  # rounding.
-  config.ops_impl = "fast"
+  # rounding. "auto": fast on the CPU (measured 1.2x there), plain on GPUs and TPUs (unmeasured).
+  config.ops_impl = "auto"
   # Optimisation: v <- 0.9 v - wd*lr*w - lr*g ; w <- w + v.
   config.batch_size = 128  # global, over all devices and hosts
   config.num_epochs = 90

@@ -2,7 +2,7 @@
 
 import pytest
 
-from alexnet_jax import builders
+from alexnet_jax import backend, builders
 from alexnet_jax.config_check import check_config
 from alexnet_jax.errors import UserInputError
 from configs import quickstart
@@ -70,7 +70,8 @@ def test_two_towers_split_only_where_there_are_two():
 
 def test_ops_impl_reaches_the_model_and_old_workdirs_get_the_default():
   config = quickstart.get_config()
-  assert builders.create_model(config).ops_impl == "fast"
+  assert builders.create_model(config).ops_impl == "fast"  # "auto", on the CPU
+  assert backend.default_ops_impl("cpu") == "fast" and backend.default_ops_impl("gpu") == "plain"
   config.ops_impl = "plain"
   assert builders.create_model(config).ops_impl == "plain"
   del config["ops_impl"]  # a config.json written before the option existed
