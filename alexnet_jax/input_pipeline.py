@@ -252,7 +252,8 @@ def read_prepared(data_dir: str) -> tuple[Shards, Shards] | tuple[RawShards, Raw
       f"no prepared dataset at data_dir={data_dir!r} ({SHARD_INFO} missing): "
       "download ILSVRC2012_img_train.tar "
       "and ILSVRC2012_img_val.tar from image-net.org into DIR, run `python -m alexnet_jax.prepare "
-      "--manual_dir=DIR --data_dir=OUT`, then pass --config.data_dir=OUT"
+      "--manual_dir=DIR --data_dir=OUT`, then pass --config.data_dir=OUT (or, for ImageNet "
+      "built by TFDS, --config.dataset=tfds:imagenet2012)"
     )
   with open(path) as f:
     info = json.load(f)

@@ -4,6 +4,7 @@ import concurrent.futures
 import io
 import json
 import os
+import pathlib
 import shutil
 import tarfile
 
@@ -91,12 +92,12 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(prepared):
 
 @pytest.fixture(scope="module")
 def raw_dir(prepared, tmp_path_factory) -> str:
-  """A copy of the prepared JPEG shards converted to raw in place (no archives needed)."""
-  _, out, _, _ = prepared
-  raw = shutil.copytree(out, tmp_path_factory.mktemp("raw") / "out")
-  info = prepare.to_raw(str(raw))
+  """The archives prepared with --format=raw: JPEG shards, then their raw arrays."""
+  manual, _, _, _ = prepared
+  raw = str(tmp_path_factory.mktemp("raw") / "out")
+  info = prepare.prepare(manual, raw, stats_images=20, workers=2, fmt="raw")
   assert info["format"] == "raw"
-  return str(raw)
+  return raw
 
 
 def assert_same_batches(a, b, count):
@@ -144,6 +145,11 @@ def test_bad_raw_shards_are_one_line_errors_before_any_work(raw_dir, tmp_path, m
   with pytest.raises(UserInputError, match=r"GiB free; the raw arrays of \d+ images need"):
     prepare.to_raw(str(jpeg_only))
   assert not list(jpeg_only.glob("*/*.npy*"))
+  # With the disk back, the JPEG shards alone (no archives) convert to the same arrays.
+  monkeypatch.undo()
+  prepare.to_raw(str(jpeg_only))
+  for path in pathlib.Path(raw_dir).glob("*/*.npy"):
+    np.testing.assert_array_equal(np.load(path), np.load(jpeg_only / path.parent.name / path.name))
 
 
 @pytest.mark.slow
