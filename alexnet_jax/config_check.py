@@ -40,6 +40,12 @@ def check_config(
         f"num_devices={config.num_devices}: use 0 (all) or 1..{num_devices}, on one process only"
       )
     num_devices = config.num_devices
+  first = config.get("first_device", 0)
+  if first and (not config.num_devices or first + config.num_devices > jax.device_count()):
+    raise UserInputError(
+      f"first_device={first} needs num_devices > 0 with first_device + num_devices <= "
+      f"{jax.device_count()}"
+    )
 
   def bad(message):
     raise UserInputError(message)

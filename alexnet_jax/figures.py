@@ -191,3 +191,53 @@ def neighbours_of(
     [[load_image(database["path"][j], side) for j in row] for row in index],
     path,
   )
+
+
+def _band(ax, steps: np.ndarray, runs: np.ndarray, colour, label: str, **style) -> None:
+  """The mean over seeds (rows of `runs`) as a line, their range as a band."""
+  ax.plot(steps, 100 * runs.mean(0), color=colour, label=label, **style)
+  if len(runs) > 1:
+    ax.fill_between(steps, 100 * runs.min(0), 100 * runs.max(0), color=colour, alpha=0.2)
+
+
+def suite_curves(curves: dict, path: str | None = None, dpi: int = 100) -> Figure:
+  """Training and validation top-1 error against the step, one colour per variant, seeds as a
+  band. curves: {variant: {"train": (steps, errors per seed), "val": (steps, errors per seed)}}
+  with errors as (seeds, steps) arrays."""
+  fig = Figure(figsize=(12, 4), dpi=dpi)
+  train_ax, val_ax = fig.subplots(1, 2)
+  colours = matplotlib.colormaps["tab10"]
+  for k, (variant, parts) in enumerate(curves.items()):
+    for ax, key, style in ((train_ax, "train", {}), (val_ax, "val", {"marker": "o"})):
+      steps, runs = parts[key]
+      if len(steps):
+        _band(ax, steps, runs, colours(k % 10), variant, **style)
+  for ax, title in ((train_ax, "training top-1 error (%)"), (val_ax, "validation top-1 error (%)")):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if ax.lines:
+      ax.legend(fontsize=8)
+  fig.subplots_adjust(left=0.06, right=0.98, top=0.9, bottom=0.13, wspace=0.2)
+  return _save(fig, path)
+
+
+def figure1(
+  curves: dict, target: float, reached: dict, path: str | None = None, dpi: int = 100
+) -> Figure:
+  """The paper's Figure 1: training error against epochs for ReLU and tanh (seeds as a band),
+  the target error, and the epoch each variant first reaches it. curves: {variant: (epochs,
+  (seeds, epochs) training errors)}; reached: {variant: epoch or None}."""
+  fig = Figure(figsize=(6, 4.5), dpi=dpi)
+  ax = fig.subplots()
+  colours = {"relu": "tab:blue", "baseline": "tab:blue", "tanh": "tab:red"}
+  for variant, (epochs, runs) in curves.items():
+    when = reached.get(variant)
+    label = f"{variant}: {target:.0%} at epoch {when:.2f}" if when else f"{variant}: not reached"
+    _band(ax, epochs, runs, colours.get(variant, "tab:gray"), label)
+  ax.axhline(100 * target, color="black", linestyle="--", linewidth=1)
+  ax.set_xlabel("epochs")
+  ax.set_ylabel("training error rate (%)")
+  ax.set_title("Figure 1: ReLU against tanh")
+  ax.legend(fontsize=8)
+  fig.subplots_adjust(left=0.12, right=0.97, top=0.91, bottom=0.12)
+  return _save(fig, path)

@@ -15,6 +15,13 @@ import jax
 import numpy as np
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RECEIVED: list[str] = []  # every signal a Watcher caught in this process
+
+
+def signals_received() -> int:
+  """How many preemption signals Watchers caught in this process: a suite of runs stops when
+  one came during a run."""
+  return len(_RECEIVED)
 
 
 class Watcher:
@@ -27,6 +34,7 @@ class Watcher:
   def _catch(self, signum, frame):
     del frame
     self.signal_name = signal.Signals(signum).name
+    _RECEIVED.append(self.signal_name)
 
   def __enter__(self) -> "Watcher":
     if threading.current_thread() is threading.main_thread():  # signals can only be caught there

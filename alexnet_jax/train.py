@@ -186,7 +186,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Job:
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     checkpoints.check_resumable(workdir, config)
   train_split, val_split, stats = datasets.load_splits(config, workdir)
-  mesh = sharding.make_mesh(config.model_parallelism, jax.devices()[: config.num_devices] or None)
+  first = config.get("first_device", 0)
+  devices = jax.devices()[first : first + config.num_devices] if config.num_devices else None
+  mesh = sharding.make_mesh(config.model_parallelism, devices)
   model = builders.create_model(config, mesh)
   steps_per_epoch = len(train_split) // config.batch_size
   total_steps = (

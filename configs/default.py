@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.5
   config.model.init_std = 0.01
   config.model.bias_one = 1.0
+  config.first_device = 0  # with num_devices: devices first..first+num_devices-1 (experiments)
   config.model_parallelism = 1  # mesh 'model' axis: 1, or 2 for one tower per device
   config.dtype = "float32"  # computation dtype: "float32" | "bfloat16"
   # "fast": hand-written pooling and LRN gradients | "plain": XLA's own (the reference); equal up to

@@ -1,0 +1,172 @@
+"""The experiments runner: a tiny suite's table equals its runs' metrics, a stopped suite
+resumes to the same table, bad suites fail before any run, runs get disjoint devices."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+from conftest import small_config
+
+from alexnet_jax import experiments, metrics, preemption, train
+from alexnet_jax.errors import UserInputError
+
+SUITE = """
+def get_suite():
+  return {"base": {}, "tanh": {"model.activation": "tanh"}}
+"""
+
+
+def tiny(data_dir):
+  return small_config(data_dir, num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=1)
+
+
+def write_suite(tmp_path, text=SUITE):
+  path = tmp_path / "suite.py"
+  path.write_text(text)
+  return str(path)
+
+
+def rows(table: str) -> dict:
+  """{variant: cells} of results.md's table."""
+  lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+  return {
+    cells[0]: cells[1:]
+    for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])
+  }
+
+
+@pytest.mark.slow
+def test_a_tiny_suite_tables_its_runs_metrics_and_resumes_to_the_same_table(
+  tmp_path, data_dir, monkeypatch
+):
+  """2 variants x 2 seeds x 2 steps, the first run stopped by a SIGTERM after step 1: the
+  suite stops, and rerun it finishes. Its table holds its runs' numbers, and the stopped run
+  ends as one never stopped."""
+  suite, workdir = write_suite(tmp_path), tmp_path / "suite"
+  calls = []
+  real = train.train_and_evaluate
+
+  def counted(config, run_dir):
+    calls.append(run_dir)
+    return real(config, run_dir)
+
+  def sigterm_after_step_1(self, step, every):  # as tests/test_resume.py's preemption
+    if len(calls) == 1 and step == 1:
+      self.signal_name = "SIGTERM"
+      preemption._RECEIVED.append("SIGTERM")
+      return True
+    return False
+
+  monkeypatch.setattr(train, "train_and_evaluate", counted)
+  monkeypatch.setattr(preemption.Watcher, "requested", sigterm_after_step_1)
+  experiments.run_suite(tiny(data_dir), suite, str(workdir), seeds=2)
+  assert len(calls) == 1 and not (workdir / "base" / "seed0" / "DONE").exists()
+  text = experiments.run_suite(tiny(data_dir), suite, str(workdir), seeds=2)
+  assert len(calls) == 5  # the stopped run again, then the three others
+  table = rows(text)
+  assert list(table) == ["base", "tanh"]
+  for variant in ("base", "tanh"):
+    finals = [
+      [
+        r
+        for r in metrics.read_metrics(str(workdir / variant / f"seed{s}"))
+        if "val/top1_error" in r
+      ][-1]
+      for s in (0, 1)
+    ]
+    for column, key in ((1, "val/top1_error"), (2, "val/top5_error")):
+      errors = [r[key] for r in finals]
+      assert (
+        table[variant][column]
+        == f"{100 * np.mean(errors):.1f} ± {100 * np.std(errors, ddof=1):.1f}"
+      )
+    assert table[variant][6:] == ["2", "2/2"]
+  assert table["base"][4] == table["tanh"][4]  # parameters: the same net
+  for name in ("results.md", "curves.png"):
+    assert os.path.getsize(workdir / name) > 0
+  # The stopped run against the same run never stopped.
+  straight = str(tmp_path / "straight")
+  real(experiments.plan(tiny(data_dir), {"base": ({}, "")}, 1, straight)[0].config, straight)
+
+  def logged(run_dir):
+    return [
+      {k: v for k, v in r.items() if k != "images_per_sec"} for r in metrics.read_metrics(run_dir)
+    ]
+
+  assert logged(straight) == logged(str(workdir / "base" / "seed0"))
+  report = experiments.run_suite(tiny(data_dir), suite, str(workdir), seeds=2, report_only=True)
+  assert report == text and len(calls) == 5
+
+
+@pytest.mark.parametrize(
+  "text, overrides, message",
+  [
+    (
+      "def get_suite():\n  return {'a': {'model.activaton': 'tanh'}}",
+      {},
+      "unknown config key 'model.activaton'",
+    ),
+    (
+      "def get_suite():\n  return {'a': {'learning_rate': -1.0}}",
+      {},
+      "variant a: learning_rate=-1.0",
+    ),
+    (
+      "def get_suite():\n  return {'a': {'model.activation': 'swish'}}",
+      {},
+      "variant a: the model settings",
+    ),
+    ("x = 1", {}, "defines no get_suite"),
+    (None, {"suite": "ablatons"}, "use ablations, figure1 or FILE.py"),
+    (None, {"seeds": 0}, "--seeds=0"),
+    (None, {"runs_at_once": 9}, "--runs_at_once=9: use 1..8"),
+  ],
+)
+def test_bad_suites_fail_before_any_run(tmp_path, data_dir, monkeypatch, text, overrides, message):
+  monkeypatch.setattr(experiments, "execute", None)  # no run may start
+  args = dict(suite=write_suite(tmp_path, text) if text else "figure1", seeds=1, runs_at_once=1)
+  args |= overrides
+  config = small_config(data_dir)
+  with pytest.raises(UserInputError, match=message) as error:
+    experiments.run_suite(
+      config, args["suite"], str(tmp_path / "w"), args["seeds"], args["runs_at_once"]
+    )
+  assert "\n" not in str(error.value)
+
+
+def test_other_settings_for_an_existing_suite_are_refused(tmp_path):
+  experiments.check_settings(str(tmp_path), {"seeds": 2, "suite": {"a": {}}})
+  experiments.check_settings(str(tmp_path), {"seeds": 2, "suite": {"a": {}}})  # the same: fine
+  with pytest.raises(UserInputError, match=r"other settings \(seeds differ\)"):
+    experiments.check_settings(str(tmp_path), {"seeds": 3, "suite": {"a": {}}})
+
+
+def test_runs_side_by_side_get_disjoint_devices():
+  devices = list(range(8))
+  groups = experiments.device_groups(devices, 4)
+  assert groups == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  assert experiments.device_groups(devices, 1) == [devices]
+  assert sum(experiments.device_groups(devices, 3), []) == list(range(6))  # equal shares
+  with pytest.raises(UserInputError, match="runs_at_once=9"):
+    experiments.device_groups(devices, 9)
+
+
+def test_first_reach_and_the_built_in_suites():
+  epochs = np.array([0.5, 1.0, 1.5, 2.0])
+  errors = np.array([[0.9, 0.4, 0.2, 0.1], [0.8, 0.3, 0.3, 0.1]])  # mean 0.85, 0.35, 0.25, 0.1
+  assert experiments.first_reach(epochs, errors, 0.25) == 1.5
+  assert experiments.first_reach(epochs, errors, 0.05) is None
+  assert set(experiments.ABLATIONS) == {
+    "baseline",
+    "tanh",
+    "one_tower",
+    "no_lrn",
+    "no_overlap",
+    "no_pca",
+    "no_dropout",
+  }
+  assert all(
+    re.match(r"§\d\.\d", claim) or v == "baseline"
+    for v, (_, claim) in experiments.ABLATIONS.items()
+  )
