@@ -44,7 +44,7 @@ def test_a_tiny_suite_tables_its_runs_metrics_and_resumes_to_the_same_table(
   suite stops, and rerun it finishes. Its table holds its runs' numbers, and the stopped run
   ends as one never stopped."""
   suite, workdir = write_suite(tmp_path), tmp_path / "suite"
-  calls = []
+  calls, stops = [], []
   real = train.train_and_evaluate
 
   def counted(config, run_dir):
@@ -54,12 +54,13 @@ def test_a_tiny_suite_tables_its_runs_metrics_and_resumes_to_the_same_table(
   def sigterm_after_step_1(self, step, every):  # as tests/test_resume.py's preemption
     if len(calls) == 1 and step == 1:
       self.signal_name = "SIGTERM"
-      preemption._RECEIVED.append("SIGTERM")
+      stops.append(step)
       return True
     return False
 
   monkeypatch.setattr(train, "train_and_evaluate", counted)
   monkeypatch.setattr(preemption.Watcher, "requested", sigterm_after_step_1)
+  monkeypatch.setattr(preemption, "signals_received", lambda: len(stops))
   experiments.run_suite(tiny(data_dir), suite, str(workdir), seeds=2)
   assert len(calls) == 1 and not (workdir / "base" / "seed0" / "DONE").exists()
   text = experiments.run_suite(tiny(data_dir), suite, str(workdir), seeds=2)
@@ -97,6 +98,8 @@ def test_a_tiny_suite_tables_its_runs_metrics_and_resumes_to_the_same_table(
   assert logged(straight) == logged(str(workdir / "base" / "seed0"))
   report = experiments.run_suite(tiny(data_dir), suite, str(workdir), seeds=2, report_only=True)
   assert report == text and len(calls) == 5
+  assert experiments.run_suite(tiny(data_dir), suite, str(workdir), seeds=2) == text
+  assert len(calls) == 5  # every run finished: none trained again
 
 
 @pytest.mark.parametrize(
