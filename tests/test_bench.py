@@ -58,7 +58,7 @@ def test_bench_bad_cases_are_named(case, message):
     bench.build(case, "paper", 67)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 30 s; the bench command's own test (slow) covers the report's form
 def test_bench_report_without_a_known_peak_leaves_mfu_out():
   report = bench.run([bench.Case("1x2", "float32", 2, "plain")], "paper", 67, 1, 0.01)
   (result,) = report["results"]

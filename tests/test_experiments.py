@@ -11,9 +11,11 @@ from conftest import small_config
 from alexnet_jax import experiments, metrics, preemption, train
 from alexnet_jax.errors import UserInputError
 
+# Two variants with the same compiled steps (the noise is drawn in the input pipeline): the
+# slow suite's time goes to the runner, not to compiling.
 SUITE = """
 def get_suite():
-  return {"base": {}, "tanh": {"model.activation": "tanh"}}
+  return {"base": {}, "no_pca": {"pca_noise_std": 0.0}}
 """
 
 
@@ -66,8 +68,8 @@ def test_a_tiny_suite_tables_its_runs_metrics_and_resumes_to_the_same_table(
   text = experiments.run_suite(tiny(data_dir), suite, str(workdir), seeds=2)
   assert len(calls) == 5  # the stopped run again, then the three others
   table = rows(text)
-  assert list(table) == ["base", "tanh"]
-  for variant in ("base", "tanh"):
+  assert list(table) == ["base", "no_pca"]
+  for variant in ("base", "no_pca"):
     finals = [
       [
         r
@@ -83,7 +85,7 @@ def test_a_tiny_suite_tables_its_runs_metrics_and_resumes_to_the_same_table(
         == f"{100 * np.mean(errors):.1f} ± {100 * np.std(errors, ddof=1):.1f}"
       )
     assert table[variant][6:] == ["2", "2/2"]
-  assert table["base"][4] == table["tanh"][4]  # parameters: the same net
+  assert table["base"][4] == table["no_pca"][4]  # parameters: the same net
   for name in ("results.md", "curves.png"):
     assert os.path.getsize(workdir / name) > 0
   # The stopped run against the same run never stopped.
