@@ -27,10 +27,13 @@ from alexnet_jax.input_pipeline import Records
 
 
 def _build_command(name: str, builder, data_dir: str) -> str:
-  command = f"python -m alexnet_jax.tfds_data --dataset={name} --data_dir={data_dir}"
+  """How to build it, quoted: this module's command, or TFDS's own as ArrayRecord."""
+  command = f"`python -m alexnet_jax.tfds_data --dataset={name} --data_dir={data_dir}"
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:  # e.g. imagenet2012: the archives, fetched by hand
-    command += " --manual_dir=DIR` (DIR holding the files TFDS's instructions for it name"
-  return command + "`, or `tfds build` with --file_format=array_record"
+    command += " --manual_dir=DIR` (DIR holding the files TFDS's instructions for it name)"
+  else:
+    command += "`"
+  return command + ", or `tfds build` with --file_format=array_record"
 
 
 def open_builder(name: str, data_dir: str | None):
@@ -49,7 +52,7 @@ def open_builder(name: str, data_dir: str | None):
   if not builder.is_prepared():
     raise UserInputError(
       f"TFDS dataset {name} is not prepared in {root} (nothing is downloaded here): "
-      f"build it with `{_build_command(name, builder, root)}, or point --config.data_dir at "
+      f"build it with {_build_command(name, builder, root)}, or point --config.data_dir at "
       "the TFDS data directory that holds it"
     )
   formats = {f.value for f in builder.info.available_file_formats()}
@@ -57,7 +60,7 @@ def open_builder(name: str, data_dir: str | None):
     raise UserInputError(
       f"TFDS dataset {name} in {root} is stored as {', '.join(sorted(formats))}, which cannot "
       "be read by index (exact resume, a share per process): rebuild it with "
-      f"`{_build_command(name, builder, root)}"
+      f"{_build_command(name, builder, root)}"
     )
   return builder
 
