@@ -66,12 +66,8 @@ def readable(paths: Sequence[str], num_parallel_calls: int = -1) -> np.ndarray:
 
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), np.asarray(paths, str)))
   ok = np.zeros(len(paths), bool)
-  for index, _ in (
-    ds.map(decodes, num_parallel_calls=num_parallel_calls)
-    .ignore_errors()
-    .batch(1024)
-    .as_numpy_iterator()
-  ):
+  checked = ds.map(decodes, num_parallel_calls=num_parallel_calls).ignore_errors().batch(1024)
+  for index, _ in input_pipeline.numpy_iterator(checked):
     ok[index] = True
   return ok
 

@@ -389,7 +389,7 @@ def to_raw(data_dir: str) -> dict:
   last: an interrupted conversion reruns without redoing finished shards."""
   import tensorflow as tf
 
-  from alexnet_jax.input_pipeline import SHARD_INFO, Shards, raw_labels_path, readers
+  from alexnet_jax.input_pipeline import SHARD_INFO, Shards, numpy_iterator, raw_labels_path, readers
 
   path = os.path.join(data_dir, SHARD_INFO)
   if not os.path.exists(path):
@@ -417,7 +417,7 @@ def to_raw(data_dir: str) -> dict:
     images = np.lib.format.open_memmap(raw_path + ".tmp", "w+", np.uint8, (n, side, side, 3))
     labels = np.empty(n, np.int32)
     done = 0
-    for image, label in decoded.batch(256).as_numpy_iterator():
+    for image, label in numpy_iterator(decoded.batch(256)):
       images[done : done + len(image)], labels[done : done + len(image)] = image, label
       done += len(image)
     images.flush()

@@ -78,13 +78,8 @@ def bare_decode(split, batch: int):
   else:
     read, _ = ip.encoded_reader(split)
     decode = lambda i: ip.decode(read(i)[0])  # noqa: E731
-  return (
-    tf.data.Dataset.range(len(split))
-    .repeat()
-    .map(decode, num_parallel_calls=1)
-    .batch(batch)
-    .prefetch(2)
-    .as_numpy_iterator()
+  return ip.numpy_iterator(
+    tf.data.Dataset.range(len(split)).repeat().map(decode, num_parallel_calls=1).batch(batch).prefetch(2)
   )
 
 

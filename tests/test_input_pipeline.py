@@ -291,3 +291,18 @@ def test_mean_image_is_subtracted_at_the_crop_position(tmp_path):
     np.testing.assert_allclose(net_input(batch, stats), 0.0, atol=1.0)
   flat = ip.load_stats("", 32, (1.0, 2.0, 3.0), per_pixel=False)
   np.testing.assert_allclose(flat.mean_image[5, 7], [1, 2, 3])
+
+
+def test_pipelines_run_without_tf_data_autotuning(folder):
+  """Deleting an autotuned iterator waited for autotuning's sleeping thread (up to a minute,
+  after every training run of an experiments suite): every pipeline turns it off."""
+  train, val = ip.read_image_folder(folder)
+  made = {
+    "train": ip.train_batches(train, batch_size=2, seed=0, **PLAIN),
+    "eval": ip.eval_batches(val, batch_size=2, **ARGS),
+    "sample": ip.rescaled_sample(train, 32, 3),
+  }
+  for name, iterator in made.items():
+    next(iterator)
+    numpy_iterator = getattr(iterator, "_batches", iterator)
+    assert numpy_iterator._dataset.options().autotune.enabled is False, name
