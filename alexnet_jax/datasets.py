@@ -33,7 +33,7 @@ def load_splits(
     sizes = dict(
       train_per_class=config.synthetic_train_per_class,
       val_per_class=config.synthetic_val_per_class,
-      seed=config.seed,
+      seed=config.synthetic_seed,
     )
     if jax.process_index() == 0:
       synthetic.generate(data_dir, **sizes)

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.resize_size = 256  # shorter side rescaled to this, then the central square
   config.synthetic_train_per_class = 300  # size of the generated "synthetic" set
   config.synthetic_val_per_class = 50
+  config.synthetic_seed = 0  # the generated images; runs with other `seed`s train on the same ones
   config.num_parallel_calls = -1  # tf.data threads per map (-1 = autotune)
   config.channel_mean = (123.675, 116.28, 103.53)  # RGB in 0-255, when no prepared statistics exist
   config.mean_subtraction = "image"  # "image": the per-pixel mean image (the paper) | "channel"

@@ -36,3 +36,18 @@ def test_regenerating_smaller_leaves_exactly_the_requested_dataset(tmp_path):
   synthetic.generate(root, train_per_class=1, val_per_class=1)
   train, val = input_pipeline.read_image_folder(root)
   assert len(train) == 10 and len(val) == 10
+
+
+def test_the_training_seed_does_not_change_the_images(tmp_path):
+  """The runs of an experiments suite (seeds 0, 1, ...) share one generated dataset."""
+  from alexnet_jax import datasets
+  from conftest import small_config
+
+  root = str(tmp_path / "data")
+  datasets.load_splits(small_config(root, seed=0), str(tmp_path / "w0"))
+  first = os.path.join(root, "train", synthetic.CLASSES[0], f"{synthetic.CLASSES[0]}_00000.jpg")
+  os.utime(first, (0, 0))
+  datasets.load_splits(small_config(root, seed=1), str(tmp_path / "w1"))
+  assert os.path.getmtime(first) == 0  # the same images, not generated again
+  datasets.load_splits(small_config(root, synthetic_seed=1), str(tmp_path / "w2"))
+  assert os.path.getmtime(first) > 0  # other images
