@@ -158,3 +158,18 @@ def run(
       sys.exit(f"error: {' '.join(str(e).splitlines())}")
 
   app.run(command, argv=argv, flags_parser=parse_flags)
+
+
+# XLA's persistent compilation cache for the commands that train (main, experiments): a
+# restarted or resumed run, the same config in another workdir, a suite's next seed skip
+# compiling their steps again. JAX_COMPILATION_CACHE_DIR chooses another folder.
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "alexnet_jax", "xla")
+
+
+def use_compilation_cache() -> str:
+  """Turns XLA's persistent compilation cache on (unless a folder is already set); returns it."""
+  import jax
+
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(DEFAULT_COMPILATION_CACHE))
+  return jax.config.jax_compilation_cache_dir

@@ -349,6 +349,7 @@ def define_flags() -> None:
 
 def main() -> None:
   f = flags.FLAGS
+  cli.use_compilation_cache()
   print(
     run_suite(f.config, f.suite, f.workdir, f.seeds, f.runs_at_once, f.target_error, f.report_only)
   )

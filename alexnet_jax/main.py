@@ -85,24 +85,9 @@ def _start_distributed() -> None:
     jax.distributed.initialize()  # JAX finds its peers by itself
 
 
-# XLA's persistent compilation cache for training runs: a restarted or resumed run (and the
-# same config in another workdir) skips compiling its steps again. JAX_COMPILATION_CACHE_DIR
-# chooses another folder.
-DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "alexnet_jax", "xla")
-
-
-def use_compilation_cache() -> str:
-  """Turns XLA's persistent compilation cache on (unless a folder is already set); returns it."""
-  import jax
-
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(DEFAULT_COMPILATION_CACHE))
-  return jax.config.jax_compilation_cache_dir
-
-
 def main() -> None:
   _start_distributed()
-  use_compilation_cache()
+  cli.use_compilation_cache()
   from alexnet_jax import train  # imported after distributed init, as JAX asks
 
   if FLAGS.mode == "eval":

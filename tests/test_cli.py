@@ -218,17 +218,16 @@ def test_every_command_defines_its_flags_only_to_run(path):
 
 
 def test_training_runs_keep_a_compilation_cache():
-  """main turns XLA's persistent cache on (restarts skip compiling), unless a folder is set."""
+  """main and experiments turn XLA's persistent cache on (restarts skip compiling), unless a
+  folder is set."""
   import jax
-
-  from alexnet_jax import main
 
   before = jax.config.jax_compilation_cache_dir
   try:
     jax.config.update("jax_compilation_cache_dir", None)
-    default = os.path.expanduser(main.DEFAULT_COMPILATION_CACHE)
-    assert main.use_compilation_cache() == default == jax.config.jax_compilation_cache_dir
+    default = os.path.expanduser(cli.DEFAULT_COMPILATION_CACHE)
+    assert cli.use_compilation_cache() == default == jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", "/elsewhere")
-    assert main.use_compilation_cache() == "/elsewhere"
+    assert cli.use_compilation_cache() == "/elsewhere"
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
