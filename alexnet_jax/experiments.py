@@ -1,7 +1,7 @@
 """The paper's experiments in one command: the ablations of §3-4, Figure 1, or any sweep,
 each variant for every seed in its own workdir, then a table and plots of their results.
 
-  python -m alexnet_jax.experiments --config=configs/quickstart.py --suite=ablations \
+  python -m alexnet_jax.experiments --config=configs/ablations.py --suite=ablations \
       --workdir=DIR [--seeds=3] [--runs_at_once=N] [--report_only] [--config.KEY=VALUE ...]
 
 --suite: `ablations` (baseline, tanh, one tower, no LRN, non-overlapping pooling, no PCA
@@ -9,9 +9,10 @@ colour noise, no dropout), `figure1` (ReLU against tanh: training error against 
 epochs each takes to reach --target_error and their ratio), or FILE.py whose get_suite()
 returns {variant: {config key: value}}. Every run is DIR/VARIANT/seedN, a normal workdir.
 The suite resumes: finished runs are skipped, a stopped one continues from its checkpoint
-(SIGTERM stops the whole suite after saving); other settings for an existing DIR are
-refused. Every number in DIR/results.md, DIR/curves.png and DIR/figure1.png comes from the
-runs' own metrics.jsonl (--report_only redraws them).
+(SIGTERM stops the whole suite after saving), a run whose loss turns NaN is marked diverged
+and the suite goes on; other settings for an existing DIR are refused, but for --seeds (a
+larger number adds runs). Every number in DIR/results.md, DIR/curves.png and
+DIR/figure1.png comes from the runs' own metrics.jsonl (--report_only redraws them).
 """
 
 from __future__ import annotations
@@ -112,18 +113,22 @@ def plan(config: ml_collections.ConfigDict, suite: dict, seeds: int, workdir: st
 
 
 def check_settings(workdir: str, settings: dict) -> None:
-  """The first call records the suite's settings; a later one must match them."""
+  """The first call records the suite's settings; a later one must match them, but for the
+  number of seeds: more adds runs beside the finished ones, fewer reports only those."""
   path = os.path.join(workdir, SETTINGS)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    if old != settings:
-      changed = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
+    changed = sorted(
+      k for k in old.keys() | settings.keys() if k != "seeds" and old.get(k) != settings.get(k)
+    )
+    if changed:
       raise UserInputError(
         f"{workdir} holds a suite run with other settings ({', '.join(changed)} differ): "
-        "use another --workdir, or the same settings to resume it"
+        "use another --workdir, or the same settings to resume it (--seeds may change)"
       )
-    return
+    if old == settings:
+      return
   os.makedirs(workdir, exist_ok=True)
   files.write_text(path, json.dumps(settings, indent=1, sort_keys=True))
 
@@ -142,12 +147,22 @@ def _done_path(run: Run) -> str:
   return os.path.join(run.workdir, "DONE")
 
 
+def _diverged_path(run: Run) -> str:
+  return os.path.join(run.workdir, "DIVERGED")
+
+
+def _finished(run: Run) -> bool:
+  """Trained to the end, or stopped for good by a NaN/Inf (a sweep's too-high rate)."""
+  return os.path.exists(_done_path(run)) or os.path.exists(_diverged_path(run))
+
+
 def execute(runs: list[Run], runs_at_once: int = 1) -> None:
   """Trains every unfinished run; with runs_at_once > 1 in threads, each on its own devices.
-  A preemption signal stops the suite after the runs save."""
+  A preemption signal stops the suite after the runs save; a run whose loss becomes NaN/Inf
+  is marked DIVERGED (with the error) and the suite goes on."""
   from alexnet_jax import train  # TensorFlow and the train loop: not for --report_only
 
-  todo = [r for r in runs if not os.path.exists(_done_path(r))]
+  todo = [r for r in runs if not _finished(r)]
   groups = device_groups(jax.devices(), runs_at_once)
 
   def one(run: Run, group: int) -> None:
@@ -155,7 +170,13 @@ def execute(runs: list[Run], runs_at_once: int = 1) -> None:
     if runs_at_once > 1:
       config.first_device, config.num_devices = group * len(groups[0]), len(groups[0])
     logging.info("run %s seed %d in %s", run.variant, run.seed, run.workdir)
-    train.train_and_evaluate(config, run.workdir)
+    try:
+      train.train_and_evaluate(config, run.workdir)
+    except train.NonFiniteLoss as e:
+      logging.warning("run %s seed %d diverged: %s", run.variant, run.seed, e)
+      os.makedirs(run.workdir, exist_ok=True)
+      files.write_text(_diverged_path(run), f"{e}\n")
+      return
     if preemption.signals_received() == before:
       files.write_text(_done_path(run), "finished\n")
 
@@ -177,10 +198,9 @@ def execute(runs: list[Run], runs_at_once: int = 1) -> None:
 
 
 def _mean_std(values: list[float]) -> str:
-  if not values:
-    return "-"
-  std = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
+  if len(values) < 2:  # no spread to show from one seed
+    return f"{100 * values[0]:.1f}" if values else "-"
+  return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def summarize(run: Run) -> dict:
@@ -212,9 +232,11 @@ def report(suite: dict, runs: list[Run]) -> str:
     "error % | parameters | images/s | steps | seeds |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
+  notes = []
   for variant, (_, claim) in suite.items():
     mine = [r for r in runs if r.variant == variant]
     done = [summarize(r) for r in mine if os.path.exists(_done_path(r))]
+    diverged = [r for r in mine if os.path.exists(_diverged_path(r))]
 
     def found(key: str) -> list[float]:
       return [d[key] for d in done if d[key] is not None]
@@ -229,10 +251,16 @@ def report(suite: dict, runs: list[Run]) -> str:
       f"{parameter_count(mine[0].config):,}",
       speed,
       str(max(found("steps"), default=0)),
-      f"{len(done)}/{len(mine)}",
+      f"{len(done)}/{len(mine)}" + (f", {len(diverged)} diverged" if diverged else ""),
     ]
     rows.append("| " + " | ".join(cells) + " |")
-  return "\n".join(rows) + "\n"
+    notes += [f"- {r.variant} seed {r.seed} diverged: {_first_line(r)}" for r in diverged]
+  return "\n".join(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def _first_line(run: Run) -> str:
+  with open(_diverged_path(run)) as f:
+    return f.readline().strip()
 
 
 def _aligned(runs: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray]:
@@ -335,7 +363,7 @@ def define_flags() -> None:
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file(
-    "config", "configs/quickstart.py", "Config file (get_config()).", lock_config=True
+    "config", "configs/ablations.py", "Config file (get_config()).", lock_config=True
   )
   flags.DEFINE_string("suite", "ablations", "ablations, figure1, or FILE.py with get_suite().")
   flags.DEFINE_string("workdir", None, "The suite's folder: one workdir per run.", required=True)

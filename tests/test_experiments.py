@@ -143,8 +143,10 @@ def test_bad_suites_fail_before_any_run(tmp_path, data_dir, monkeypatch, text, o
 def test_other_settings_for_an_existing_suite_are_refused(tmp_path):
   experiments.check_settings(str(tmp_path), {"seeds": 2, "suite": {"a": {}}})
   experiments.check_settings(str(tmp_path), {"seeds": 2, "suite": {"a": {}}})  # the same: fine
-  with pytest.raises(UserInputError, match=r"other settings \(seeds differ\)"):
-    experiments.check_settings(str(tmp_path), {"seeds": 3, "suite": {"a": {}}})
+  with pytest.raises(UserInputError, match=r"other settings \(suite differ\)"):
+    experiments.check_settings(str(tmp_path), {"seeds": 2, "suite": {"a": {"seed": 1}}})
+  experiments.check_settings(str(tmp_path), {"seeds": 3, "suite": {"a": {}}})  # a seed more
+  assert '"seeds": 3' in (tmp_path / experiments.SETTINGS).read_text()
 
 
 def test_runs_side_by_side_get_disjoint_devices():
@@ -175,3 +177,43 @@ def test_first_reach_and_the_built_in_suites():
     re.match(r"§\d\.\d", claim) or v == "baseline"
     for v, (_, claim) in experiments.ABLATIONS.items()
   )
+
+
+def test_a_diverging_run_is_marked_and_the_suite_goes_on(tmp_path, monkeypatch):
+  """A sweep's too-high rate: its run is DIVERGED in the table, the others still run, and a
+  second call retrains neither."""
+  suite = write_suite(
+    tmp_path, 'def get_suite():\n  return {"high": {"learning_rate": 100.0}, "ok": {}}\n'
+  )
+  calls = []
+
+  def trained(config, run_dir):  # the runner's side only: no steps are compiled
+    calls.append(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    if config.learning_rate > 1:
+      raise train.NonFiniteLoss("the loss, a gradient or a parameter became NaN/Inf at step 3")
+    writer = metrics.MetricWriter(run_dir)
+    writer.write(2, {"train/top1_error": 0.5, "images_per_sec": 10.0})
+    writer.write(2, {"val/top1_error": 0.25, "val/top5_error": 0.125})
+    writer.close()
+    return {}
+
+  monkeypatch.setattr(train, "train_and_evaluate", trained)
+  config, workdir = tiny(str(tmp_path / "data")), str(tmp_path / "suite")
+  text = experiments.run_suite(config, suite, workdir)
+  table = rows(text)
+  assert table["high"][1] == "-" and table["high"][-1] == "0/1, 1 diverged"
+  assert table["ok"][1] == "25.0" and table["ok"][-1] == "1/1"
+  assert "- high seed 0 diverged: the loss, a gradient or a parameter became NaN/Inf" in text
+  assert experiments.run_suite(config, suite, workdir) == text and len(calls) == 2
+
+
+def test_the_readme_suites_plan_on_configs_ablations(tmp_path):
+  """The README's measured command: every ablation of configs/ablations.py checks out, and
+  its runs train 10 epochs of the 1,000-image embedded set."""
+  from configs import ablations
+
+  runs = experiments.plan(ablations.get_config(), experiments.ABLATIONS, 2, str(tmp_path))
+  assert len(runs) == 14 and {r.config.num_epochs for r in runs} == {10}
+  assert {r.config.synthetic_train_per_class for r in runs} == {100}
+  assert runs[1].config.seed == 1 and runs[2].config.model.activation == "tanh"
