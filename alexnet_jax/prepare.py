@@ -389,7 +389,13 @@ def to_raw(data_dir: str) -> dict:
   last: an interrupted conversion reruns without redoing finished shards."""
   import tensorflow as tf
 
-  from alexnet_jax.input_pipeline import SHARD_INFO, Shards, numpy_iterator, raw_labels_path, readers
+  from alexnet_jax.input_pipeline import (
+    SHARD_INFO,
+    Shards,
+    numpy_iterator,
+    raw_labels_path,
+    readers,
+  )
 
   path = os.path.join(data_dir, SHARD_INFO)
   if not os.path.exists(path):

@@ -79,7 +79,11 @@ def bare_decode(split, batch: int):
     read, _ = ip.encoded_reader(split)
     decode = lambda i: ip.decode(read(i)[0])  # noqa: E731
   return ip.numpy_iterator(
-    tf.data.Dataset.range(len(split)).repeat().map(decode, num_parallel_calls=1).batch(batch).prefetch(2)
+    tf.data.Dataset.range(len(split))
+    .repeat()
+    .map(decode, num_parallel_calls=1)
+    .batch(batch)
+    .prefetch(2)
   )
 
 

@@ -40,8 +40,9 @@ def test_regenerating_smaller_leaves_exactly_the_requested_dataset(tmp_path):
 
 def test_the_training_seed_does_not_change_the_images(tmp_path):
   """The runs of an experiments suite (seeds 0, 1, ...) share one generated dataset."""
-  from alexnet_jax import datasets
   from conftest import small_config
+
+  from alexnet_jax import datasets
 
   root = str(tmp_path / "data")
   datasets.load_splits(small_config(root, seed=0), str(tmp_path / "w0"))
