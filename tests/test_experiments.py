@@ -217,3 +217,21 @@ def test_the_readme_suites_plan_on_configs_ablations(tmp_path):
   assert len(runs) == 14 and {r.config.num_epochs for r in runs} == {10}
   assert {r.config.synthetic_train_per_class for r in runs} == {100}
   assert runs[1].config.seed == 1 and runs[2].config.model.activation == "tanh"
+
+
+def test_figure1_line_gives_the_epochs_to_the_target_and_their_ratio(tmp_path):
+  """From the runs' own training errors (written here, 5 steps per epoch): ReLU at 25% in
+  epoch 2, tanh in epoch 4: 2.0x; a target tanh never reaches names one it does."""
+  config, workdir = tiny(str(tmp_path / "data")), str(tmp_path / "suite")
+  runs = experiments.plan(config, experiments.FIGURE1, 1, workdir)
+  for run, errors in zip(runs, ([0.8, 0.2, 0.1, 0.1], [0.9, 0.8, 0.6, 0.2])):
+    writer = metrics.MetricWriter(run.workdir)
+    for epoch, error in enumerate(errors, 1):
+      writer.write(5 * epoch, {"train/top1_error": error})
+    writer.close()
+    open(os.path.join(run.workdir, "DONE"), "w").write("finished\n")
+  line = experiments.figure1(workdir, runs, 0.25)
+  assert "epoch 2.00 with ReLU (relu) and 4.00 with tanh: tanh takes 2.0x" in line
+  assert os.path.exists(os.path.join(workdir, "figure1.png"))
+  line = experiments.figure1(workdir, runs, 0.15)
+  assert "never with tanh" in line and "ReLU 10.0%, tanh 20.0%; --target_error=0.20" in line
