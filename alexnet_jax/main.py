@@ -13,7 +13,7 @@ import time
 
 from absl import flags
 
-from alexnet_jax import cli
+from alexnet_jax.core import cli
 
 FLAGS = flags.FLAGS
 
@@ -88,7 +88,7 @@ def _start_distributed() -> None:
 def main() -> None:
   _start_distributed()
   cli.use_compilation_cache()
-  from alexnet_jax import train  # imported after distributed init, as JAX asks
+  from alexnet_jax.training import train  # imported after distributed init, as JAX asks
 
   if FLAGS.mode == "eval":
     train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)

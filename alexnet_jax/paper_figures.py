@@ -18,9 +18,11 @@ import jax
 import numpy as np
 from absl import flags
 
-from alexnet_jax import cli, extract, featurefile, figures, metrics, retrieval
-from alexnet_jax.errors import UserInputError
-from alexnet_jax.restore import restore
+from alexnet_jax.analysis import featurefile, features, figures, retrieval
+from alexnet_jax.core import cli
+from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.training import metrics
+from alexnet_jax.training.restore import restore
 
 FILES = {
   "kernels": "figure3_kernels.png",
@@ -54,7 +56,7 @@ def run(
   )
   figures.training_curves(metrics.read_metrics(workdir), out["curves"])
   for split in ("val", "train"):
-    extract.extract_split(restored, workdir, split, out[split], batch_size)
+    features.extract_split(restored, workdir, split, out[split], batch_size)
   queries, database = featurefile.read(out["val"]), featurefile.read(out["train"])
   rows = np.linspace(0, len(queries["path"]) - 1, min(num_queries, len(queries["path"]))).astype(
     int

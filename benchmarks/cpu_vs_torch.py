@@ -28,13 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 from absl import flags
 
-from alexnet_jax import bench, cli
+from alexnet_jax.core import cli
+from alexnet_jax.studies import benchmark
 
 try:
   import torch
   import torch.nn.functional as F
 
-  from alexnet_jax.torch_nets import GroupedAlexNet
+  from alexnet_jax.weights.torch_nets import GroupedAlexNet
 except ImportError:  # the baseline is optional: our side is timed alone, and the output says so
   torch = None
 
@@ -89,15 +90,15 @@ def main() -> None:
   args = flags.FLAGS
   runners = {}
   for mesh in args.meshes:
-    runners[f"jax {mesh}"] = bench.build(
-      bench.Case(mesh, "float32", args.batch_size), "paper", SIDE
+    runners[f"jax {mesh}"] = benchmark.build(
+      benchmark.Case(mesh, "float32", args.batch_size), "paper", SIDE
     ).train
   torch_sides = ("torch NCHW", "torch channels_last") if torch is not None else ()
   for side in torch_sides:
     runners[side] = torch_runner(args.batch_size, channels_last=side.endswith("channels_last"))
-  counts = {k: bench.steps_for(r, args.round_seconds) for k, r in runners.items()}
+  counts = {k: benchmark.steps_for(r, args.round_seconds) for k, r in runners.items()}
   cpu = {k: [] for k in runners}
-  times = bench.time_rounds(
+  times = benchmark.time_rounds(
     {k: counting_cpu(r, cpu[k]) for k, r in runners.items()}, counts, args.rounds
   )
   torch_best = min(torch_sides, key=lambda k: statistics.median(times[k]), default=None)
@@ -105,7 +106,8 @@ def main() -> None:
     k: {
       "images_per_sec": round(args.batch_size / statistics.median(t), 2),
       "images_per_sec_best": round(args.batch_size / min(t), 2),
-      "speedup_vs_torch_eager": torch_best and round(bench.median_ratio(times[torch_best], t), 3),
+      "speedup_vs_torch_eager": torch_best
+      and round(benchmark.median_ratio(times[torch_best], t), 3),
       "speedup_best_rounds": torch_best and round(min(times[torch_best]) / min(t), 3),
       "cpu_seconds_per_step": round(statistics.median(cpu[k]), 3),
     }

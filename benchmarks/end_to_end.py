@@ -31,8 +31,12 @@ import jax
 from absl import flags
 from input_pipeline import make_folder
 
-from alexnet_jax import augment, bench, cli, prepare, sharding, train
-from alexnet_jax import input_pipeline as ip
+from alexnet_jax.core import cli
+from alexnet_jax.data import augment, prepare_shards
+from alexnet_jax.data import input_pipeline as ip
+from alexnet_jax.model import sharding
+from alexnet_jax.studies import benchmark
+from alexnet_jax.training import train
 
 
 def define_flags() -> None:
@@ -72,31 +76,31 @@ def input_wait(batches, mean_image, steps: int) -> dict:
 def main() -> None:
   cli.simulate_cpu_devices(2)  # before JAX starts its backend: --mesh=1x2 on a CPU host
   args = flags.FLAGS
-  case = bench.Case(args.mesh, args.dtype, args.batch_size)
+  case = benchmark.Case(args.mesh, args.dtype, args.batch_size)
   with tempfile.TemporaryDirectory() as tmp:
     make_folder(os.path.join(tmp, "raw"), args.images)
-    prepare.prepare(os.path.join(tmp, "raw"), os.path.join(tmp, "out"), stats_images=100)
+    prepare_shards.prepare(os.path.join(tmp, "raw"), os.path.join(tmp, "out"), stats_images=100)
     train, _ = ip.read_prepared(os.path.join(tmp, "out"))
     stats = ip.load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
     batches = ip.train_batches(
       train, batch_size=args.batch_size, image_size=227, resize_size=256, stats=stats, seed=0
     )
     runners = {
-      "synthetic": bench.build(case, "paper", 227).train,
-      "input pipeline": bench.build(
+      "synthetic": benchmark.build(case, "paper", 227).train,
+      "input pipeline": benchmark.build(
         case, "paper", 227, batches=batches, mean_image=stats.mean_image
       ).train,
     }
-    counts = {k: bench.steps_for(r, args.round_seconds) for k, r in runners.items()}
-    times = bench.time_rounds(runners, counts, args.rounds)
+    counts = {k: benchmark.steps_for(r, args.round_seconds) for k, r in runners.items()}
+    times = benchmark.time_rounds(runners, counts, args.rounds)
     fast = dict(batch_size=args.fast_batch_size, image_size=227, resize_size=256, stats=stats)
     formats = {"jpeg": ip.train_batches(train, seed=1, **fast)}
-    prepare.to_raw(os.path.join(tmp, "out"))
+    prepare_shards.to_raw(os.path.join(tmp, "out"))
     raw, _ = ip.read_prepared(os.path.join(tmp, "out"))
     formats["raw"] = ip.train_batches(raw, seed=1, **fast)
     waits = {k: input_wait(b, stats.mean_image, args.fast_steps) for k, b in formats.items()}
   rows = {k: round(args.batch_size / statistics.median(t), 2) for k, t in times.items()}
-  ratio = round(bench.median_ratio(times["synthetic"], times["input pipeline"]), 3)
+  ratio = round(benchmark.median_ratio(times["synthetic"], times["input pipeline"]), 3)
   print(
     f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, paper net, batch {args.batch_size}, "
     f"{args.dtype}: synthetic {rows['synthetic']} images/s, "

@@ -13,7 +13,7 @@ host. The last line is JSON.
 The augmentation side is the real training pipeline: every random draw (227 window,
 flip, PCA colour alphas) and the fused decode-and-crop; the per-pixel arithmetic (mean
 image at the crop's position, colour, reflection) runs fused in the train step on the
-device (`alexnet_jax.augment`), so it is not a host cost.
+device (`alexnet_jax.data.augment`), so it is not a host cost.
 """
 
 import json
@@ -28,8 +28,9 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from alexnet_jax import cli, prepare, tfds_data
-from alexnet_jax import input_pipeline as ip
+from alexnet_jax.core import cli
+from alexnet_jax.data import input_pipeline as ip
+from alexnet_jax.data import prepare_shards, tfds_source
 
 
 def make_folder(root: str, images: int) -> None:
@@ -107,12 +108,12 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     make_folder(os.path.join(tmp, "raw"), args.images)
     out = os.path.join(tmp, "out")
-    prepare.prepare(os.path.join(tmp, "raw"), out, stats_images=100)
+    prepare_shards.prepare(os.path.join(tmp, "raw"), out, stats_images=100)
     shards, _ = ip.read_prepared(out)  # JPEG, read before the conversion marks the info raw
-    prepare.to_raw(out)
+    prepare_shards.to_raw(out)
     raw, _ = ip.read_prepared(out)
     store_as_tfds(os.path.join(tmp, "raw"), os.path.join(tmp, "tfds"))
-    originals, _, _ = tfds_data.open_splits("originals", os.path.join(tmp, "tfds"), "train", "")
+    originals, _, _ = tfds_source.open_splits("originals", os.path.join(tmp, "tfds"), "train", "")
     stats = ip.load_stats(out, 256, (0, 0, 0))
     batch = 256
     crops = dict(batch_size=batch, image_size=227, resize_size=256)  # the paper's, one thread

@@ -10,7 +10,7 @@ python -m alexnet_jax.main --config=configs/quickstart.py --workdir="$workdir" 2
 end=$(date +%s.%N)
 python - "$workdir" "$start" "$end" <<'PY'
 import json, sys
-from alexnet_jax.metrics import read_metrics
+from alexnet_jax.training.metrics import read_metrics
 workdir, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 last = [r for r in read_metrics(workdir) if "val/top1_error" in r][-1]
 print(json.dumps({"wall_seconds": round(end - start, 1), "step": last["step"],

@@ -17,7 +17,8 @@ from absl import flags
 
 # The package is not installed: `python benchmarks/retrieval.py` puts benchmarks/ on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alexnet_jax import cli, retrieval  # noqa: E402
+from alexnet_jax.analysis import retrieval  # noqa: E402
+from alexnet_jax.core import cli
 
 FLAGS = flags.FLAGS
 

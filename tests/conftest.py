@@ -36,7 +36,7 @@ import filelock  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from alexnet_jax.models import make_arch, param_shapes  # noqa: E402
+from alexnet_jax.model.alexnet import make_arch, param_shapes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The embedded data, small: 80 train and 20 val images, 5 steps of 16 per epoch.
@@ -131,8 +131,8 @@ def params_of(workdir: str, step: int | None = None):
   """A checkpoint's parameters as numpy arrays, restored on one device."""
   import jax
 
-  from alexnet_jax import sharding
-  from alexnet_jax.restore import restore
+  from alexnet_jax.model import sharding
+  from alexnet_jax.training.restore import restore
 
   mesh = sharding.make_mesh(1, jax.devices()[:1])
   return jax.device_get(restore(workdir, step=step, mesh=mesh).params)
@@ -191,7 +191,7 @@ def add(tar, name: str, data: bytes) -> None:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, worker_id) -> str:
   """The embedded dataset, small (read-only: copy it to change it)."""
-  from alexnet_jax import synthetic
+  from alexnet_jax.data import synthetic
 
   return _built_once(
     tmp_path_factory,
@@ -207,7 +207,7 @@ def data_dir(tmp_path_factory, worker_id) -> str:
 def trained_run(tmp_path_factory, worker_id, data_dir) -> str:
   """A workdir trained for 2 steps on 2 devices (a data-parallel 2x1 mesh), checkpoint at 2.
   Read-only: tests that write into a workdir copy it first (`copy_run`)."""
-  from alexnet_jax import train
+  from alexnet_jax.training import train
 
   return _built_once(
     tmp_path_factory,
@@ -220,7 +220,7 @@ def trained_run(tmp_path_factory, worker_id, data_dir) -> str:
 @pytest.fixture(scope="session")
 def tower_run(tmp_path_factory, worker_id, data_dir) -> str:
   """trained_run's twin on a 1x2 mesh: one tower per device, as in the paper. Read-only."""
-  from alexnet_jax import train
+  from alexnet_jax.training import train
 
   return _built_once(
     tmp_path_factory,

@@ -1,0 +1,207 @@
+"""fc7 features and top-5 predictions of a trained net, for a folder of images or a split of
+its data.
+
+  python -m alexnet_jax.extract --workdir=DIR --images=FOLDER --output=FILE.npz
+  python -m alexnet_jax.extract --workdir=DIR --split=train --output=FILE.npz
+    [--step=N] [--batch_size=128]
+
+Images are preprocessed as for evaluation (shorter side to resize_size, central square,
+centre crop of image_size, mean subtracted) and run through the restored net in batches
+on every device present. Each batch's rows go straight to the features file
+(`featurefile.Writer`), so memory does not grow with the number of images. Unreadable
+images are reported and skipped; the rest are extracted. One process only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from alexnet_jax.analysis import featurefile
+from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.data import augment, datasets, input_pipeline
+from alexnet_jax.model import sharding
+from alexnet_jax.model.alexnet import AlexNet
+from alexnet_jax.training.restore import Restored
+
+TOP_K = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  count: int  # images written
+  skipped: tuple[str, ...] = ()  # unreadable images, left out
+
+
+def find_images(folder: str) -> list[str]:
+  """Every .jpg/.jpeg/.png under folder, nested folders included, sorted."""
+  if not os.path.isdir(folder):
+    raise UserInputError(f"image folder {folder} does not exist")
+  paths = sorted(
+    os.path.join(root, f)
+    for root, _, files in os.walk(folder)
+    for f in files
+    if f.lower().endswith(input_pipeline.IMAGE_EXTENSIONS) and not f.startswith(".")
+  )
+  if not paths:
+    raise UserInputError(f"no .jpg/.jpeg/.png images in {folder} (nested folders included)")
+  return paths
+
+
+def readable(paths: Sequence[str], num_parallel_calls: int = -1) -> np.ndarray:
+  """True where the file decodes as an image; checked first so that one bad file cannot stop a
+  run."""
+
+  def decodes(index, path):  # the shape is returned so that the decode is not pruned away
+    return index, tf.shape(
+      tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    )
+
+  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), np.asarray(paths, str)))
+  ok = np.zeros(len(paths), bool)
+  checked = ds.map(decodes, num_parallel_calls=num_parallel_calls).ignore_errors().batch(1024)
+  for index, _ in input_pipeline.numpy_iterator(checked):
+    ok[index] = True
+  return ok
+
+
+def run_data(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[Any, Any, input_pipeline.Stats] | None:
+  """The run's (train, val, stats) as training read them, or None where its data is not on this
+  machine."""
+  try:
+    return datasets.load_splits(config, os.path.abspath(workdir))
+  except UserInputError as e:
+    logging.warning("the run's data is not here (%s)", e)
+    return None
+
+
+def _row_names(images: input_pipeline.Split | input_pipeline.Shards) -> Sequence[str]:
+  """Image paths; prepared shards and TFDS records have none: SHARD_DIR#INDEX, NAME/SPLIT[INDEX]."""
+  if isinstance(images, input_pipeline.Split):
+    return images.paths
+  return [images.describe(i) for i in range(len(images))]
+
+
+_INPUTS = ("image", "offset", "flip")  # what augment.normalize reads from an eval batch
+
+
+def _predictor(model: AlexNet, k: int):
+  def predict(params, batch, mean_image):
+    images = augment.normalize(batch, mean_image)  # as train's eval step does
+    logits, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    prob, index = jax.lax.top_k(jax.nn.softmax(logits), k)
+    return state["intermediates"]["features"]["fc7"].astype(jnp.float32), index, prob
+
+  return jax.jit(predict)
+
+
+def extract(
+  restored: Restored,
+  images: input_pipeline.Split | input_pipeline.Shards,
+  stats: input_pipeline.Stats,
+  output: str,
+  batch_size: int = 128,
+) -> int:
+  """Writes the features file `output` (see featurefile) for every image of `images`; returns the
+  count.
+
+  Images go through evaluation's own pipeline (`input_pipeline.eval_batches`, centre crop).
+  batch_size is global and must divide over the mesh's data axis; the last batch is padded.
+  """
+  data_size = restored.mesh.shape["data"]
+  if batch_size < 1 or batch_size % data_size:
+    raise UserInputError(
+      f"batch_size={batch_size} does not divide over the {data_size} devices; "
+      f"use a multiple of {data_size}"
+    )
+  config, arch = restored.config, restored.model.arch
+  k = min(TOP_K, config.num_classes)
+  names, n = _row_names(images), len(images)
+  predict, put = _predictor(restored.model, k), sharding.batch_sharding(restored.mesh)
+  mean_image = jax.device_put(stats.mean_image, sharding.replicated(restored.mesh))
+  batches = input_pipeline.eval_batches(
+    images,
+    batch_size=batch_size,
+    image_size=config.image_size,
+    resize_size=config.resize_size,
+    crops=1,
+    num_parallel_calls=config.num_parallel_calls,
+  )
+  writer = featurefile.Writer(output, n, arch.fc_widths[1] * arch.towers, k)
+  start = last_log = time.monotonic()
+
+  def write(batch, out):
+    nonlocal last_log
+    m = int(batch["mask"].sum())  # real images come first; padding is masked
+    fc7, top_index, top_prob = (np.asarray(a)[:m] for a in jax.device_get(out))
+    writer.append(
+      fc7, top_index, top_prob, names[writer.count : writer.count + m], batch["label"][:m]
+    )
+    if time.monotonic() - last_log > 10 or writer.count == n:
+      last_log = time.monotonic()
+      logging.info(
+        "extracted %d/%d images (%.1f images/s)", writer.count, n, writer.count / (last_log - start)
+      )
+
+  try:
+    pending = None
+    for batch in batches:
+      out = predict(
+        restored.params, jax.device_put({key: batch[key] for key in _INPUTS}, put), mean_image
+      )
+      if pending is not None:
+        write(*pending)  # waits for the previous batch while this one runs
+      pending = (batch, out)
+    write(*pending)
+    writer.close(images.classes, restored.step)
+  finally:
+    writer.discard()
+  return n
+
+
+def extract_folder(
+  restored: Restored, workdir: str, folder: str, output: str, batch_size: int = 128
+) -> Report:
+  """Features of every readable image under folder; unreadable ones are reported and skipped.
+
+  The mean subtracted is the one the run trained with (saved in its workdir); class names
+  are the run's when its data is here.
+  """
+  paths = find_images(folder)
+  ok = readable(paths, restored.config.num_parallel_calls)
+  skipped = tuple(p for p, good in zip(paths, ok) if not good)
+  for path in skipped:
+    logging.warning("skipped unreadable image %s", path)
+  if not ok.any():
+    raise UserInputError(
+      f"none of the {len(paths)} images in {folder} could be read as JPEG or PNG"
+    )
+  data = run_data(restored.config, workdir)
+  stats = input_pipeline.load_stats(
+    workdir, restored.config.resize_size, restored.config.channel_mean
+  )
+  kept = [p for p, good in zip(paths, ok) if good]
+  images = input_pipeline.Split(
+    tuple(kept), np.full(len(kept), -1, np.int32), data[0].classes if data else ()
+  )
+  return Report(extract(restored, images, stats, output, batch_size), skipped)
+
+
+def extract_split(
+  restored: Restored, workdir: str, split: str, output: str, batch_size: int = 128
+) -> Report:
+  """Features of the run's own train or val split, with their labels."""
+  data = datasets.load_splits(restored.config, os.path.abspath(workdir))
+  images = data[("train", "val").index(split)]
+  return Report(extract(restored, images, data[2], output, batch_size))

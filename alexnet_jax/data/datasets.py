@@ -1,0 +1,79 @@
+"""The data a config names: its train and val splits and the statistics of its images.
+
+Imports TensorFlow (through the input pipeline): the model path never imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.data import input_pipeline, synthetic, tfds_source
+from alexnet_jax.training import config_check
+
+
+def load_splits(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[Any, Any, input_pipeline.Stats]:
+  """The train and val splits the config names, and the statistics training subtracts and
+  jitters with.
+
+  "prepared" reads shards written by `alexnet_jax.prepare` (from the ImageNet archives or
+  any image-folder tree); "tfds:NAME" a dataset TFDS built (`tfds_data`); the synthetic set
+  is generated on first use.
+  """
+  data_dir = config.data_dir
+  stats_dir = data_dir if config.dataset == "prepared" else ""
+  name = config_check.tfds_name(config.dataset)
+  if config.dataset == "synthetic":
+    data_dir = data_dir or os.path.join(workdir, "data")
+    sizes = dict(
+      train_per_class=config.synthetic_train_per_class,
+      val_per_class=config.synthetic_val_per_class,
+      seed=config.synthetic_seed,
+    )
+    if jax.process_index() == 0:
+      synthetic.generate(data_dir, **sizes)
+    _sync("synthetic data")
+    synthetic.generate(data_dir, **sizes)  # a no-op where the first process already wrote it
+  if name:
+    train, val, data_path = tfds_source.open_splits(
+      name, data_dir, config.train_split, config.eval_split
+    )
+    data_dir = f"TFDS dataset {name}"  # for the message below
+  elif config.dataset == "prepared":
+    train, val = input_pipeline.read_prepared(data_dir)
+    if train.side != config.resize_size:
+      raise UserInputError(
+        f"{data_dir} was prepared at {train.side}x{train.side} but "
+        f"resize_size={config.resize_size}; set --config.resize_size={train.side}"
+      )
+  else:
+    train, val = input_pipeline.read_image_folder(data_dir)
+  if len(train.classes) != config.num_classes:
+    raise UserInputError(
+      f"num_classes={config.num_classes} but {data_dir} has {len(train.classes)} classes; "
+      f"set --config.num_classes={len(train.classes)}"
+    )
+  if name:  # sampled once, after the cheap checks above
+    stats_dir = tfds_source.stats_dir(
+      train, data_path, workdir, config.resize_size, config.stats_images
+    )
+  stats = input_pipeline.load_stats(
+    stats_dir,
+    config.resize_size,
+    config.channel_mean,
+    per_pixel=config.mean_subtraction == "image",
+  )
+  return train, val, stats
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,453 @@
+"""Builds the paper's down-sampled dataset: 256x256 JPEG shards plus training-set statistics.
+
+  python -m alexnet_jax.prepare --manual_dir=DIR --data_dir=OUT
+
+DIR holds the two official archives (ILSVRC2012_img_train.tar, an archive of per-class
+archives, and ILSVRC2012_img_val.tar), or an image-folder tree DIR/train/<class>/*,
+DIR/val/<class>/*. One pass over the input: every image is decoded once, its shorter side
+rescaled to 256 and its central 256x256 square re-encoded as JPEG into ArrayRecord
+shards (one per training class, 1000 images per validation shard). ArrayRecord gives
+random access by index, so training reads any permutation of the split, splits it
+exactly between processes and resumes mid-epoch without replaying data; a 256x256 JPEG
+is ~8x smaller than raw pixels and decodes (with the fused crop) in a fraction of the
+time of a full-size image. Shards are written under a temporary name and renamed when
+complete, so an interrupted run restarts where it stopped. ImageNet's labels come from
+tensorflow-datasets' own label files. Unreadable images are skipped, named and counted.
+
+  python -m alexnet_jax.prepare --manual_dir=DIR --data_dir=OUT --format=raw
+  python -m alexnet_jax.prepare --data_dir=OUT --format=raw     # JPEG shards already in OUT
+
+--format=raw also writes every image decoded, uint8 256x256x3, as one memory-mappable .npy
+array per shard (8x the disk: about 252 GB for ImageNet against 30 GB of JPEG): training
+then decodes nothing, and one core feeds several times the images/s. The raw arrays are
+decoded from the JPEG shards (the same pixels, so the same training), which is also how
+existing JPEG shards are converted without the archives.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import tarfile
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from alexnet_jax.core import files as files_lib
+from alexnet_jax.core.errors import UserInputError
+
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+SIDE = 256
+RAW_IMAGE_BYTES = SIDE * SIDE * 3
+AVERAGE_JPEG_BYTES = 110_000  # ImageNet's training JPEGs: 147 GB / 1.28M, to size raw shards
+VAL_SHARD = 1000
+_EXT = ".array_record"
+
+
+def tfds_label_file(name: str) -> str:
+  """A label file shipped inside tensorflow-datasets, found without importing the package."""
+  spec = importlib.util.find_spec("tensorflow_datasets")
+  if spec is None or not spec.submodule_search_locations:
+    raise UserInputError("tensorflow-datasets is not installed: pip install -r requirements.txt")
+  return os.path.join(spec.submodule_search_locations[0], "datasets", "imagenet2012", name)
+
+
+def imagenet_classes() -> list[str]:
+  with open(tfds_label_file("labels.txt")) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def imagenet_val_labels() -> list[str]:
+  """The wnid of ILSVRC2012_val_{i+1:08d}.JPEG at position i."""
+  with open(tfds_label_file("validation_labels.txt")) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def downsample(data: bytes, side: int = SIDE, quality: int = 90) -> bytes:
+  """Shorter side to `side`, central square, re-encoded as RGB JPEG. Raises on a bad image.
+
+  PIL reads what the real archive holds: CMYK and grayscale JPEGs, PNGs named .JPEG.
+  """
+  image = Image.open(io.BytesIO(data))
+  image.draft("RGB", (side, side))  # JPEG: let libjpeg decode at the smallest scale >= side
+  image = image.convert("RGB")
+  w, h = image.size
+  scale = side / min(w, h)
+  nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
+  image = image.resize((nw, nh), Image.BICUBIC)
+  left, top = (nw - side) // 2, (nh - side) // 2
+  out = io.BytesIO()
+  image.crop((left, top, left + side, top + side)).save(out, "JPEG", quality=quality)
+  return out.getvalue()
+
+
+def _encode(item: tuple[str, bytes, int], quality: int) -> tuple[str, bytes | None, int, str]:
+  name, data, label = item
+  try:
+    return name, downsample(data, quality=quality), label, ""
+  except Exception as e:  # anything PIL cannot read is skipped and reported, never a zero image
+    return name, None, label, f"{type(e).__name__}: {e}"
+
+
+def _example(jpeg: bytes, label: int, name: str) -> bytes:
+  import tensorflow as tf
+
+  feature = {
+    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
+    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    "file_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode()])),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def num_records(path: str) -> int:
+  from array_record.python import array_record_module
+
+  reader = array_record_module.ArrayRecordReader(path)
+  n = reader.num_records()
+  reader.close()
+  return n
+
+
+def write_shard(
+  path: str, items: Iterable[tuple[str, bytes, int]], pool, quality: int
+) -> tuple[int, list[str]]:
+  """Encodes items in the pool and writes them to `path` atomically; returns (written, skipped)."""
+  from array_record.python import array_record_module
+
+  tmp = path + ".tmp"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  written, skipped = 0, []
+  for name, jpeg, label, error in pool.map(
+    functools.partial(_encode, quality=quality), items, chunksize=8
+  ):
+    if jpeg is None:
+      skipped.append(f"{name}: {error}")
+      logging.warning("skipped unreadable image %s (%s)", name, error)
+      continue
+    writer.write(_example(jpeg, label, name))
+    written += 1
+  writer.close()
+  os.replace(tmp, path)
+  return written, skipped
+
+
+def _tar_images(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+  for member in tar:
+    if member.isfile():
+      yield member.name, tar.extractfile(member).read()
+
+
+def _archive_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
+  """(train jobs, val jobs, classes) for the official archives; a job: (shard name, item thunk)."""
+  classes = imagenet_classes()
+  index = {w: i for i, w in enumerate(classes)}
+  train_tar = tarfile.open(os.path.join(manual_dir, TRAIN_TAR))
+  members = [m for m in train_tar.getmembers() if m.isfile()]
+  bad = [m.name for m in members if os.path.splitext(os.path.basename(m.name))[0] not in index]
+  if bad or not members:
+    raise UserInputError(
+      f"{TRAIN_TAR} does not have the official layout (one <wnid>.tar per class): "
+      f"found {bad[:3] or 'no files'}"
+    )
+
+  def class_items(member):
+    wnid = os.path.splitext(os.path.basename(member.name))[0]
+    inner = tarfile.open(fileobj=train_tar.extractfile(member))
+    return [(f"{wnid}/{os.path.basename(n)}", d, index[wnid]) for n, d in _tar_images(inner)]
+
+  train = [
+    (f"{index[os.path.splitext(os.path.basename(m.name))[0]]:04d}", (lambda m=m: class_items(m)))
+    for m in members
+  ]
+  val_labels = imagenet_val_labels()
+  val_tar = tarfile.open(os.path.join(manual_dir, VAL_TAR))
+  val_members = sorted((m for m in val_tar.getmembers() if m.isfile()), key=lambda m: m.name)
+
+  def val_position(name):
+    stem = os.path.splitext(os.path.basename(name))[0]
+    try:
+      return int(stem.rsplit("_", 1)[1]) - 1
+    except (IndexError, ValueError):
+      raise UserInputError(
+        f"{VAL_TAR} does not have the official layout: unexpected file {name}"
+      ) from None
+
+  def val_items(chunk):
+    return [
+      (
+        os.path.basename(m.name),
+        val_tar.extractfile(m).read(),
+        index[val_labels[val_position(m.name)]],
+      )
+      for m in chunk
+    ]
+
+  for m in val_members:
+    val_position(m.name)
+  val = [
+    (f"{k // VAL_SHARD:05d}", (lambda c=val_members[k : k + VAL_SHARD]: val_items(c)))
+    for k in range(0, len(val_members), VAL_SHARD)
+  ]
+  return train, val, classes
+
+
+def _folder_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
+  """The same jobs for an image-folder tree (the class folders' sorted names are the labels)."""
+  from alexnet_jax.data import (
+    input_pipeline,  # only for listing files: TensorFlow is already needed here
+  )
+
+  train_split, val_split = input_pipeline.read_image_folder(manual_dir)
+  classes = list(train_split.classes)
+
+  def items(paths, labels):
+    out = []
+    for p, label in zip(paths, labels):
+      with open(p, "rb") as f:
+        out.append((os.path.relpath(p, manual_dir), f.read(), int(label)))
+    return out
+
+  train = []
+  for label, name in enumerate(classes):
+    paths = [p for p, y in zip(train_split.paths, train_split.labels) if y == label]
+    train.append((f"{label:04d}", (lambda p=paths, y=label: items(p, [y] * len(p)))))
+  val = [
+    (
+      f"{k // VAL_SHARD:05d}",
+      (lambda k=k: items(val_split.paths[k : k + VAL_SHARD], val_split.labels[k : k + VAL_SHARD])),
+    )
+    for k in range(0, len(val_split), VAL_SHARD)
+  ]
+  return train, val, classes
+
+
+def _input_images(manual_dir: str, archives: bool) -> int:
+  """How many images the input holds: counted in a folder tree, estimated for archives."""
+  if archives:
+    return _input_bytes(manual_dir, archives) // AVERAGE_JPEG_BYTES
+  return sum(
+    f.lower().endswith((".jpg", ".jpeg", ".png")) for _, _, fs in os.walk(manual_dir) for f in fs
+  )
+
+
+def _check_disk(data_dir: str, need: int, what: str) -> None:
+  free = shutil.disk_usage(data_dir).free
+  logging.info("%s need about %.1f GiB; %.1f GiB free", what, need / 2**30, free / 2**30)
+  if free < need:
+    raise UserInputError(
+      f"{data_dir} has {free / 2**30:.1f} GiB free; {what} need about {need / 2**30:.1f} GiB: "
+      "free some space or choose another --data_dir"
+    )
+
+
+def _input_bytes(manual_dir: str, archives: bool) -> int:
+  if archives:
+    return sum(os.path.getsize(os.path.join(manual_dir, t)) for t in (TRAIN_TAR, VAL_TAR))
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(manual_dir) for f in fs)
+
+
+def compute_stats(train_files: list[str], sample: int) -> dict:
+  """`input_pipeline.image_stats` of `sample` images spread evenly over the training shards."""
+  import tensorflow as tf
+  from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+  from alexnet_jax.data.input_pipeline import image_stats
+
+  source = ArrayRecordDataSource(train_files)
+  n = len(source)
+  if n == 0 or sample < 1:
+    raise UserInputError(
+      f"no images to compute the statistics from ({n} in {train_files[:3]}, sample={sample}): "
+      "every training image was unreadable (listed in skipped.txt); replace them and rerun"
+    )
+
+  def images():
+    for i in np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64)):
+      record = tf.io.parse_single_example(
+        source[int(i)], {"image": tf.io.FixedLenFeature([], tf.string)}
+      )
+      yield tf.io.decode_jpeg(record["image"], channels=3).numpy()
+
+  return image_stats(images())
+
+
+def prepare(
+  manual_dir: str,
+  data_dir: str,
+  stats_images: int = 10_000,
+  quality: int = 90,
+  workers: int | None = None,
+  fmt: str = "jpeg",
+) -> dict:
+  """Writes data_dir/{train,val}/*.array_record, dataset_info.json, stats.npz (and with
+  fmt="raw" the raw arrays, `to_raw`); returns the info."""
+  check_format(fmt)
+  if not os.path.isdir(manual_dir):
+    raise UserInputError(
+      f"manual_dir {manual_dir!r} does not exist: download {TRAIN_TAR} and {VAL_TAR} "
+      "from image-net.org into it, or point it at a folder with train/ and val/ class folders"
+    )
+  have = [t for t in (TRAIN_TAR, VAL_TAR) if os.path.exists(os.path.join(manual_dir, t))]
+  archives = bool(have)
+  if archives and len(have) < 2:
+    missing = ({TRAIN_TAR, VAL_TAR} - set(have)).pop()
+    raise UserInputError(
+      f"{os.path.join(manual_dir, missing)} is missing: download it from image-net.org"
+    )
+  if not archives and not os.path.isdir(os.path.join(manual_dir, "train")):
+    raise UserInputError(
+      f"{manual_dir} holds neither {TRAIN_TAR} + {VAL_TAR} nor train/ and val/ class folders"
+    )
+  os.makedirs(data_dir, exist_ok=True)
+  need, what = _input_bytes(manual_dir, archives) // 3, "the JPEG shards"
+  if fmt == "raw":
+    raw = _input_images(manual_dir, archives) * RAW_IMAGE_BYTES
+    need, what = need + raw, f"the JPEG shards and the raw arrays ({raw / 2**30:.1f} GiB)"
+  _check_disk(data_dir, need, what)
+  try:
+    train_jobs, val_jobs, classes = (_archive_jobs if archives else _folder_jobs)(manual_dir)
+  except tarfile.TarError as e:
+    raise UserInputError(f"cannot read the archives in {manual_dir}: {e}") from None
+
+  skipped: list[str] = []
+  jobs = [("train", n, f) for n, f in train_jobs] + [("val", n, f) for n, f in val_jobs]
+  start = time.time()
+  spawn = multiprocessing.get_context(
+    "spawn"
+  )  # fork is unsafe once JAX or TensorFlow threads exist
+  with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), mp_context=spawn) as pool:
+    for k, (split, name, items) in enumerate(jobs):
+      path = os.path.join(data_dir, split, name + _EXT)
+      if os.path.exists(path):
+        continue  # finished by an earlier run
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      written, bad = write_shard(path, items(), pool, quality)
+      skipped += bad
+      with open(os.path.join(data_dir, "skipped.txt"), "a") as f:
+        f.writelines(line + "\n" for line in bad)
+      eta = (time.time() - start) / (k + 1) * (len(jobs) - k - 1)
+      logging.info(
+        "%s shard %s: %d images, %d skipped (%d/%d shards, ETA %.0f s)",
+        split,
+        name,
+        written,
+        len(bad),
+        k + 1,
+        len(jobs),
+        eta,
+      )
+
+  files = {
+    s: sorted(
+      os.path.join(data_dir, s, f)
+      for f in os.listdir(os.path.join(data_dir, s))
+      if f.endswith(_EXT)
+    )
+    for s in ("train", "val")
+  }
+  info = {
+    "source": "imagenet2012" if archives else os.path.abspath(manual_dir),
+    "image_side": SIDE,
+    "classes": classes,
+    "num_classes": len(classes),
+    "splits": {
+      s: {"files": [os.path.basename(p) for p in fs], "num_images": sum(num_records(p) for p in fs)}
+      for s, fs in files.items()
+    },
+  }
+  from alexnet_jax.data.input_pipeline import SHARD_INFO, SHARD_STATS  # the names it reads
+
+  files_lib.write_text(os.path.join(data_dir, SHARD_INFO), json.dumps(info, indent=1))
+  stats_path = os.path.join(data_dir, SHARD_STATS)
+  if not os.path.exists(stats_path) and stats_images > 0:
+    np.savez(stats_path + ".tmp.npz", **compute_stats(files["train"], stats_images))
+    os.replace(stats_path + ".tmp.npz", stats_path)
+  logging.info(
+    "prepared %s: %d train, %d val images",
+    data_dir,
+    info["splits"]["train"]["num_images"],
+    info["splits"]["val"]["num_images"],
+  )
+  return to_raw(data_dir) if fmt == "raw" else info
+
+
+def to_raw(data_dir: str) -> dict:
+  """Writes beside each JPEG shard of data_dir its images decoded (SHARD.npy, uint8
+  (n, 256, 256, 3)) and labels (SHARD.labels.npy), then marks the info file raw; returns it.
+  Each array is written under a temporary name and renamed when complete, the info file
+  last: an interrupted conversion reruns without redoing finished shards."""
+  import tensorflow as tf
+
+  from alexnet_jax.data.input_pipeline import (
+    SHARD_INFO,
+    Shards,
+    numpy_iterator,
+    raw_labels_path,
+    readers,
+  )
+
+  path = os.path.join(data_dir, SHARD_INFO)
+  if not os.path.exists(path):
+    raise UserInputError(
+      f"no JPEG shards to convert in {data_dir} ({SHARD_INFO} missing): pass --manual_dir too"
+    )
+  with open(path) as f:
+    info = json.load(f)
+  jobs = [
+    (split, os.path.join(data_dir, split, name))
+    for split in ("train", "val")
+    for name in info["splits"][split]["files"]
+  ]
+  missing = [p for _, p in jobs if not os.path.exists(p)]
+  if missing:
+    raise UserInputError(f"JPEG shards listed in {path} are missing: {missing[:3]}")
+  todo = [(s, p, num_records(p)) for s, p in jobs if not os.path.exists(_raw_path(p))]
+  total = sum(n for _, _, n in todo)
+  _check_disk(data_dir, total * RAW_IMAGE_BYTES, f"the raw arrays of {total} images")
+  for split, jpeg_path, n in todo:
+    shard = Shards((jpeg_path,), n, tuple(info["classes"]), info["image_side"])
+    whole, _ = readers(shard)
+    decoded = tf.data.Dataset.range(n).map(whole, num_parallel_calls=-1, deterministic=True)
+    raw_path, side = _raw_path(jpeg_path), info["image_side"]
+    images = np.lib.format.open_memmap(raw_path + ".tmp", "w+", np.uint8, (n, side, side, 3))
+    labels = np.empty(n, np.int32)
+    done = 0
+    for image, label in numpy_iterator(decoded.batch(256)):
+      images[done : done + len(image)], labels[done : done + len(image)] = image, label
+      done += len(image)
+    images.flush()
+    del images
+    with files_lib.atomic_path(raw_labels_path(raw_path)) as tmp:
+      np.save(tmp, labels)
+    os.replace(raw_path + ".tmp", raw_path)
+    logging.info("raw %s shard %s: %d images", split, os.path.basename(raw_path), n)
+  for split in ("train", "val"):
+    names = info["splits"][split]["files"]
+    info["splits"][split]["raw"] = {
+      "files": [os.path.basename(_raw_path(n)) for n in names],
+      "counts": [num_records(os.path.join(data_dir, split, n)) for n in names],
+    }
+  info["format"] = "raw"
+  files_lib.write_text(path, json.dumps(info, indent=1))
+  return info
+
+
+def check_format(fmt: str) -> None:
+  from alexnet_jax.data.input_pipeline import FORMATS
+
+  if fmt not in FORMATS:
+    raise UserInputError(f"--format={fmt}: choose one of {', '.join(FORMATS)}")
+
+
+def _raw_path(jpeg_shard: str) -> str:
+  return jpeg_shard[: -len(_EXT)] + ".npy"

@@ -1,0 +1,156 @@
+"""TFDS datasets by name (`--config.dataset=tfds:NAME`): any prepared image-classification
+dataset of tensorflow-datasets, read by index from its ArrayRecord files, so that step s's
+batch stays a pure function of (seed, s) and each process reads its own rows.
+
+Training downloads and builds nothing: a dataset that is not prepared is a one-line error
+that says how to build it, with this module's command (TFDS's builder, as `tfds build` runs
+it, without the `tfds` command's apache-beam import):
+
+  python -m alexnet_jax.tfds_data --dataset=imagenet2012 --manual_dir=ARCHIVES [--data_dir=DIR]
+
+TFDS stores originals: the input pipeline rescales them on the fly, and the statistics (mean
+image, colour PCA) are sampled from the training split once and cached. Imports TensorFlow:
+the model path never imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from alexnet_jax.core import files
+from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.data import input_pipeline
+from alexnet_jax.data.input_pipeline import Records
+
+
+def _build_command(name: str, builder, data_dir: str) -> str:
+  """How to build it, quoted: this module's command, or TFDS's own as ArrayRecord."""
+  command = f"`python -m alexnet_jax.tfds_data --dataset={name} --data_dir={data_dir}"
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:  # e.g. imagenet2012: the archives, fetched by hand
+    command += " --manual_dir=DIR` (DIR holding the files TFDS's instructions for it name)"
+  else:
+    command += "`"
+  return command + ", or `tfds build` with --file_format=array_record"
+
+
+def open_builder(name: str, data_dir: str | None):
+  """The TFDS builder of a prepared dataset stored as ArrayRecord; one-line errors otherwise."""
+  import tensorflow_datasets as tfds
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except (ValueError, AssertionError, KeyError) as e:  # an unknown name, config or version
+    first = str(e).strip().splitlines()[0]
+    raise UserInputError(
+      f"--config.dataset=tfds:{name}: TFDS has no such dataset ({first}); "
+      "`tfds.list_builders()` lists the names"
+    ) from None
+  root = builder.data_dir_root
+  if not builder.is_prepared():
+    raise UserInputError(
+      f"TFDS dataset {name} is not prepared in {root} (nothing is downloaded here): "
+      f"build it with {_build_command(name, builder, root)}, or point --config.data_dir at "
+      "the TFDS data directory that holds it"
+    )
+  formats = {f.value for f in builder.info.available_file_formats()}
+  if "array_record" not in formats:
+    raise UserInputError(
+      f"TFDS dataset {name} in {root} is stored as {', '.join(sorted(formats))}, which cannot "
+      "be read by index (exact resume, a share per process): rebuild it with "
+      f"{_build_command(name, builder, root)}"
+    )
+  return builder
+
+
+def _feature_keys(name: str, builder) -> tuple[str, str]:
+  """(image feature, class-label feature): the supervised keys when they are those, else the
+  only ones of their kinds."""
+  import tensorflow_datasets as tfds
+
+  features = dict(builder.info.features.items())
+  kinds = {"image": tfds.features.Image, "label": tfds.features.ClassLabel}
+  found = {kind: [k for k, f in features.items() if isinstance(f, t)] for kind, t in kinds.items()}
+  supervised = builder.info.supervised_keys or ()
+  keys = []
+  for kind, candidates in found.items():
+    chosen = [k for k in supervised if k in candidates] or candidates
+    if not chosen:
+      raise UserInputError(
+        f"TFDS dataset {name} has no {'class-label' if kind == 'label' else 'image'} feature "
+        f"(it has {', '.join(f'{k}: {type(f).__name__}' for k, f in features.items())}): "
+        "AlexNet trains on image classification datasets"
+      )
+    keys.append(chosen[0])
+  return keys[0], keys[1]
+
+
+def open_splits(
+  name: str, data_dir: str | None, train_split: str, eval_split: str
+) -> tuple[Records, Records, str]:
+  """(train, eval, the dataset's folder) of a prepared TFDS dataset. eval_split "" is
+  'validation' where the dataset has one, else 'test'."""
+  import tensorflow_datasets as tfds
+
+  builder = open_builder(name, data_dir)
+  image_key, label_key = _feature_keys(name, builder)
+  classes = tuple(builder.info.features[label_key].names)
+  have = sorted(builder.info.splits)
+  if not eval_split:
+    eval_split = "validation" if "validation" in have else "test"
+
+  def records(split: str, key: str) -> Records:
+    try:
+      source = builder.as_data_source(
+        split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+      )
+    except ValueError as e:  # unknown split or bad slice
+      raise UserInputError(
+        f"TFDS dataset {name} cannot read split {split!r} ({str(e).splitlines()[0]}): it has "
+        f"{', '.join(have)}; set --config.{key}"
+      ) from None
+    if len(source) == 0:
+      raise UserInputError(f"split {split!r} of TFDS dataset {name} is empty; set --config.{key}")
+    return Records(source, image_key, label_key, classes, f"{builder.info.full_name}/{split}")
+
+  train = records(train_split, "train_split")
+  return train, records(eval_split, "eval_split"), os.fspath(builder.data_dir)
+
+
+def stats_dir(train: Records, data_path: str, workdir: str, resize_size: int, sample: int) -> str:
+  """A folder whose stats.npz (`input_pipeline.load_stats`) holds the statistics of `sample`
+  training images rescaled to resize_size, as `prepare` computes them: beside the data where
+  writable (one computation for every run), else in the workdir. Computed on first use."""
+  key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{train.name.split('/')[-1]}_{resize_size}_{sample}")
+  folders = [os.path.join(data_path, f"alexnet_jax_stats_{key}"), os.path.join(workdir, key)]
+  for folder in folders:
+    if os.path.exists(os.path.join(folder, input_pipeline.SHARD_STATS)):
+      return folder
+  stats = input_pipeline.image_stats(input_pipeline.rescaled_sample(train, resize_size, sample))
+
+  def write(folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    with files.atomic_path(os.path.join(folder, input_pipeline.SHARD_STATS)) as tmp:
+      np.savez(tmp, **stats)
+    return folder
+
+  try:
+    return write(folders[0])
+  except OSError:  # a read-only data directory
+    return write(folders[1])
+
+
+def build(name: str, data_dir: str | None, manual_dir: str | None = None) -> str:
+  """Builds TFDS dataset `name` as ArrayRecord (downloading what TFDS downloads, reading
+  manual_dir where it needs archives fetched by hand); returns its folder."""
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  try:
+    builder.download_and_prepare(download_config=config)
+  except (OSError, AssertionError) as e:  # no network, missing archives
+    raise UserInputError(f"building {name} failed: {' '.join(str(e).split())[:500]}") from e
+  return os.fspath(builder.data_dir)

@@ -1,0 +1,106 @@
+"""Where metrics go: DIR/metrics.jsonl (one JSON object per write), TensorBoard, the console.
+
+Only process 0 writes, so a multi-process run logs each figure once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable
+
+from absl import logging
+
+from alexnet_jax.core import files
+
+
+def _plain(value):
+  value = float(value)
+  return value if math.isfinite(value) else str(value)
+
+
+class MetricWriter:
+  """Appends to metrics.jsonl and TensorBoard event files under workdir."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      import tensorflow as tf  # the data path has already imported it; the model path never does
+
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)} | {k: _plain(v) for k, v in metrics.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    with self._tb.as_default(step=int(step)):
+      for k, v in metrics.items():
+        self._tf.summary.scalar(k, float(v))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Every record of workdir/metrics.jsonl, in order."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def keep_records(workdir: str, keep: Callable[[dict], bool]) -> None:
+  """Drops the records `keep` refuses (what a killed run logged after its last checkpoint), so
+  that a resumed run's metrics.jsonl reads as if it had never been interrupted."""
+  records = read_metrics(workdir)
+  kept = [r for r in records if keep(r)]
+  if len(kept) < len(records):
+    files.write_text(
+      os.path.join(workdir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept)
+    )
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rest = divmod(seconds, 3600)
+  return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+  """The console line: step, loss, error, rate, images/s and ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
+    self.total, self.enabled = total_steps, enabled
+    self._t, self._step, self._steps_per_sec = time.perf_counter(), start_step, 0.0
+
+  def images_per_sec(self, step: int, batch_size: int) -> float:
+    """Images per second since the last call (the rate of the steps just logged)."""
+    now = time.perf_counter()
+    self._steps_per_sec = (step - self._step) / max(now - self._t, 1e-9)
+    self._t, self._step = now, step
+    return self._steps_per_sec * batch_size
+
+  def log(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    eta = (self.total - step) / max(self._steps_per_sec, 1e-9)
+    logging.info(
+      "step %d/%d | loss %.4f | top-1 err %.2f%% | lr %.2e | %.1f img/s | ETA %s",
+      step,
+      self.total,
+      metrics["train/loss"],
+      100 * metrics["train/top1_error"],
+      metrics["learning_rate"],
+      metrics["images_per_sec"],
+      _duration(eta),
+    )

@@ -1,0 +1,60 @@
+"""A trained net back from a workdir: its config, its parameters, on the devices present now.
+
+Only the parameters are read (orbax partial restore: no optimizer state, no second copy),
+placed by the sharding rules on whatever mesh is given, so a checkpoint written on 8
+devices restores on 1 and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+from jax.sharding import Mesh
+
+from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.model import sharding
+from alexnet_jax.model.alexnet import AlexNet
+from alexnet_jax.training import builders, checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A trained net: `model.apply({"params": params}, images)` runs it on `mesh`."""
+
+  config: ml_collections.ConfigDict
+  model: AlexNet
+  params: Any
+  step: int
+  mesh: Mesh
+
+
+def restore(
+  workdir: str, step: int | None = None, mesh: Mesh | None = None, variant: str | None = None
+) -> Restored:
+  """The checkpoint at `step` (default: the latest) of the run in workdir.
+
+  mesh: where to place the parameters (default: every device, data-parallel). variant:
+  when given, the run must have trained that variant.
+  """
+  ckpt_dir, _ = checkpoints.locate(workdir)
+  config = checkpoints.load_config(os.path.dirname(ckpt_dir))
+  if config is None:
+    raise UserInputError(
+      f"workdir {workdir} has checkpoints but no {checkpoints.CONFIG_FILE}: "
+      "the model they hold is unknown"
+    )
+  if variant is not None and variant != config.model.variant:
+    raise UserInputError(
+      f"workdir {workdir} holds a {config.model.variant!r} net, not {variant!r}: "
+      f"pass --variant={config.model.variant} or the workdir of a {variant!r} run"
+    )
+  mesh = sharding.make_mesh(1) if mesh is None else mesh
+  model = builders.create_model(config, mesh)
+  target = builders.abstract_state(
+    model, builders.create_optimizer(config, 1, 1), config.image_size, mesh
+  ).params
+  params, step, _ = checkpoints.read_params(ckpt_dir, step, target)
+  return Restored(config=config, model=model, params=params, step=step, mesh=mesh)

@@ -1,0 +1,439 @@
+"""Weight layouts: published AlexNet weights as our parameters, and ours as PyTorch's (numpy only).
+
+Our layout (models.py): tower layers lead with a tower axis; conv kernels are HWIO, fully
+connected kernels (in, out); fc6 reads pool5 flattened tower by tower in HWC order. The
+layouts converted here:
+
+- "torchvision": torchvision's AlexNet state dict (features.0.weight ... classifier.6.bias):
+  OIHW kernels, (out, in) weights, fc6 reading pool5 flattened in CHW order. Into and
+  from `variant="torchvision"`.
+- "torch_grouped": the paper's net in PyTorch with groups=2 in conv2, conv4 and conv5
+  (`torch_nets.GroupedAlexNet`): keys conv1.weight, conv1.bias ... fc8.bias, otherwise as
+  torchvision. Into and from `variant="paper"`.
+- "caffe": Caffe's bvlc_alexnet in caffe-tensorflow's .npy form, a pickled dict
+  {layer: [weights, biases]}: HWIO kernels (conv2/4/5 grouped), (in, out) weights with
+  fc6's rows in HWC order over all 256 maps, BGR input. Into `variant="paper"` with
+  Caffe's LRN (`configs/caffe_alexnet.py`). Read without running any pickled code.
+
+The functions below change the layout only, exactly: the net then wants the input of its
+home framework (torchvision: (pixels / 255 - mean) / std; Caffe: BGR pixels - mean) unless
+`input_std` or `rgb` adapt conv1 to our pipeline's (RGB pixels in 0-255 minus the mean),
+as `read_pretrained`, `python -m alexnet_jax.convert` and `--config.init_from` do.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import pickle
+import zipfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from alexnet_jax.core import files
+from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.model.alexnet import LAYERS, make_arch, param_shapes
+
+Params = dict[str, dict[str, np.ndarray]]
+FORMATS = ("torchvision", "torch_grouped", "caffe")
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
+SUFFIXES = STATE_DICT_SUFFIXES + (".npy",)
+# torchvision divides (pixels / 255 - mean) by std = (0.229, 0.224, 0.225); in 0-255 units:
+TORCHVISION_STD = (58.395, 57.12, 57.375)
+# The config.model settings each format's weights were trained with (configs/*_alexnet.py).
+TRAINED_WITH = {
+  "torchvision": dict(variant="torchvision", lrn=False),
+  "torch_grouped": dict(variant="paper"),
+  "caffe": dict(
+    variant="paper",
+    towers=2,
+    lrn=True,
+    lrn_scope="all",
+    lrn_k=1.0,
+    lrn_n=5,
+    lrn_alpha=2e-5,
+    lrn_beta=0.75,
+  ),
+}
+_TORCHVISION_KEYS = dict(
+  zip(
+    LAYERS,
+    (
+      "features.0",
+      "features.3",
+      "features.6",
+      "features.8",
+      "features.10",
+      "classifier.1",
+      "classifier.4",
+      "classifier.6",
+    ),
+  )
+)
+
+
+# Layouts. "Merged": one (kernel, bias) per layer with the towers' outputs side by side,
+# tower 0 first (Caffe's groups): HWIO kernels and (in, out) weights, our fc6 row order.
+
+
+def _merge(params: Mapping) -> tuple[dict, int]:
+  towers = np.shape(params["conv1"]["kernel"])[0]
+  merged = {}
+  for name in LAYERS:
+    k, b = (np.asarray(params[name][p], np.float32) for p in ("kernel", "bias"))
+    merged[name] = (k, b) if name == "fc8" else (np.concatenate(list(k), axis=-1), b.reshape(-1))
+  return merged, towers
+
+
+def _split(merged: dict, towers: int) -> Params:
+  params = {}
+  for name in LAYERS:
+    k, b = merged[name]
+    params[name] = (
+      {"kernel": k, "bias": b}
+      if name == "fc8"
+      else {"kernel": np.stack(np.split(k, towers, axis=-1)), "bias": b.reshape(towers, -1)}
+    )
+  return params
+
+
+def _fc6_rows(towers: int, width: int, side: int, order: str) -> np.ndarray:
+  """For each of our fc6 input rows (tower, h, w, channel in the tower), its row in the
+  flattening `order` ("chw" or "hwc") of pool5's towers * width maps."""
+  if order == "chw":
+    rows = (
+      np.arange(towers * width * side * side)
+      .reshape(towers, width, side, side)
+      .transpose(0, 2, 3, 1)
+    )
+  else:
+    rows = (
+      np.arange(side * side * towers * width)
+      .reshape(side, side, towers, width)
+      .transpose(2, 0, 1, 3)
+    )
+  return rows.reshape(-1)
+
+
+def _keys(fmt: str) -> dict[str, tuple[str, str]]:
+  """Each layer's (weight key, bias key) in `fmt`."""
+  if fmt == "caffe":
+    return {name: (f"{name}.weights", f"{name}.biases") for name in LAYERS}
+  prefix = _TORCHVISION_KEYS if fmt == "torchvision" else {name: name for name in LAYERS}
+  return {name: (f"{prefix[name]}.weight", f"{prefix[name]}.bias") for name in LAYERS}
+
+
+def _expected(fmt: str, towers: int, num_classes: int, side: int) -> dict[str, tuple]:
+  """The shape of every tensor of `fmt` for a net of these dimensions."""
+  variant = "torchvision" if fmt == "torchvision" else "paper"
+  shapes = param_shapes(make_arch(variant, towers), num_classes, side)
+  expected = {}
+  for name, (wkey, bkey) in _keys(fmt).items():
+    kshape, bshape = shapes[name]
+    if name != "fc8":  # merge the tower axis into the outputs
+      kshape, bshape = kshape[1:-1] + (kshape[0] * kshape[-1],), (math.prod(bshape),)
+    expected[wkey] = kshape if fmt == "caffe" else (kshape[-1], kshape[-2]) + kshape[:-2]
+    expected[bkey] = bshape
+  return expected
+
+
+def _dimensions(tensors: Mapping, fmt: str, towers: int) -> tuple[int, int]:
+  """(num_classes, pool5 side) of the net the tensors claim to be, for the shape check."""
+  bkey = _keys(fmt)["fc8"][1]
+  num_classes = np.shape(tensors[bkey])[0] if np.ndim(tensors.get(bkey)) == 1 else 1000
+  if fmt == "torchvision":
+    return num_classes, 6
+  wkey = _keys(fmt)["fc6"][0]
+  maps = towers * make_arch("paper", towers).conv_widths[-1]
+  fan_in = (
+    np.shape(tensors[wkey])[0 if fmt == "caffe" else -1] if np.ndim(tensors.get(wkey)) == 2 else 0
+  )
+  side = math.isqrt(fan_in // maps)
+  return num_classes, side if side and side * side * maps == fan_in else 6
+
+
+def _check(tensors: Mapping, expected: dict[str, tuple], what: str) -> None:
+  """A clear error listing every missing, extra and mis-shaped tensor."""
+  missing = [k for k in expected if k not in tensors]
+  extra = sorted(k for k in tensors if k not in expected)
+  wrong = [
+    f"{k} {tuple(np.shape(tensors[k]))} (expected {expected[k]})"
+    for k in expected
+    if k in tensors and tuple(np.shape(tensors[k])) != expected[k]
+  ]
+  problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+    [f"extra {', '.join(extra)}"] if extra else []
+  )
+  problems += [f"mis-shaped {', '.join(wrong)}"] if wrong else []
+  if problems:
+    raise UserInputError(f"{what} does not match the AlexNet it should hold: {'; '.join(problems)}")
+
+
+def _import(tensors: Mapping, fmt: str, towers: int) -> Params:
+  num_classes, side = _dimensions(tensors, fmt, towers)
+  _check(tensors, _expected(fmt, towers, num_classes, side), f"the {fmt} weights")
+  merged = {}
+  for name, keys in _keys(fmt).items():
+    w, b = (np.asarray(tensors[k], np.float32) for k in keys)
+    if fmt != "caffe":  # OIHW -> HWIO, (out, in) -> (in, out)
+      w = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
+    merged[name] = (w, b)
+  width = merged["conv5"][0].shape[-1] // towers
+  rows = _fc6_rows(towers, width, side, "hwc" if fmt == "caffe" else "chw")
+  merged["fc6"] = (merged["fc6"][0][rows], merged["fc6"][1])
+  return _split(merged, towers)
+
+
+def _export(params: Mapping, fmt: str) -> dict[str, np.ndarray]:
+  merged, towers = _merge(params)
+  variant = "torchvision" if fmt == "torchvision" else "paper"
+  if (variant == "paper" and towers not in (1, 2)) or (variant == "torchvision" and towers != 1):
+    raise UserInputError(
+      f"the parameters have {towers} tower(s): not a {variant!r} AlexNet, so not {fmt} weights"
+    )
+  width = merged["conv5"][0].shape[-1] // towers
+  fan_in = merged["fc6"][0].shape[0]
+  side = math.isqrt(fan_in // (towers * width))
+  ours = {f"{name}/{p}": params[name][p] for name in LAYERS for p in ("kernel", "bias")}
+  shapes = param_shapes(make_arch(variant, towers), np.shape(params["fc8"]["bias"])[0], side)
+  _check(
+    ours,
+    {f"{n}/{p}": s for n, (k, b) in shapes.items() for p, s in (("kernel", k), ("bias", b))},
+    f"the parameters to export as {fmt}",
+  )
+  theirs = np.empty_like(merged["fc6"][0])
+  theirs[_fc6_rows(towers, width, side, "chw")] = merged["fc6"][0]
+  merged["fc6"] = (theirs, merged["fc6"][1])
+  out = {}
+  for name, (wkey, bkey) in _keys(fmt).items():
+    w, b = merged[name]
+    out[wkey] = np.array(
+      w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T, order="C"
+    )  # writable copies
+    out[bkey] = np.array(b)
+  return out
+
+
+def _scale_conv1(params: Params, factors: Sequence[float]) -> Params:
+  """conv1's kernel times a factor per input channel: a net for inputs divided by them."""
+  kernel = params["conv1"]["kernel"] * np.asarray(factors, np.float32)[:, None]
+  return params | {"conv1": {"kernel": kernel.astype(np.float32), "bias": params["conv1"]["bias"]}}
+
+
+# The public conversions.
+
+
+def from_torchvision(
+  state_dict: Mapping[str, Any], input_std: Sequence[float] | None = None
+) -> Params:
+  """torchvision's AlexNet state dict as `AlexNet(variant="torchvision")` parameters.
+
+  input_std: torchvision's per-channel input std in the units of the images the net will
+  get; conv1 absorbs it, so the net takes (pixels - mean) rather than (pixels - mean) / std.
+  TORCHVISION_STD fits our pipeline (0-255 pixels minus the mean).
+  """
+  params = _import(state_dict, "torchvision", towers=1)
+  return (
+    params if input_std is None else _scale_conv1(params, 1.0 / np.asarray(input_std, np.float64))
+  )
+
+
+def to_torchvision(
+  params: Mapping, input_std: Sequence[float] | None = None
+) -> dict[str, np.ndarray]:
+  """`variant="torchvision"` parameters as torchvision's state dict (numpy arrays); the
+  inverse of `from_torchvision` with the same `input_std`."""
+  params = {name: dict(layer) for name, layer in params.items()}
+  return _export(params if input_std is None else _scale_conv1(params, input_std), "torchvision")
+
+
+def from_torch_grouped(state_dict: Mapping[str, Any]) -> Params:
+  """The state dict of `torch_nets.GroupedAlexNet` (`to_torch_grouped`'s) as `variant="paper"`
+  parameters; the towers follow conv2's groups."""
+  try:
+    towers = np.shape(state_dict["conv1.weight"])[0] // np.shape(state_dict["conv2.weight"])[1]
+  except (KeyError, IndexError, ZeroDivisionError):
+    towers = 2  # the shape check names what is wrong
+  return _import(state_dict, "torch_grouped", towers=towers if towers in (1, 2) else 2)
+
+
+def to_torch_grouped(params: Mapping) -> dict[str, np.ndarray]:
+  """`variant="paper"` parameters as the state dict of the same net in PyTorch, with
+  groups=2 in conv2, conv4 and conv5 (`torch_nets.GroupedAlexNet`): keys conv1.weight,
+  conv1.bias ... fc8.bias, OIHW kernels, (out, in) weights, fc6 reading CHW. The input
+  stays ours: RGB pixels in 0-255 minus the mean."""
+  return _export(params, "torch_grouped")
+
+
+def from_caffe(layers: Mapping[str, Any], rgb: bool = False) -> Params:
+  """Caffe's bvlc_alexnet as caffe-tensorflow's dict ({layer: [weights, biases]} or
+  {layer: {"weights", "biases"}}) as `variant="paper"` parameters; run them with Caffe's LRN
+  (lrn_scope="all", lrn_k=1, lrn_alpha=2e-5). rgb: reorder conv1's inputs so the net takes
+  RGB instead of Caffe's BGR (exact: the same sum in another order)."""
+  tensors = {}
+  for name, value in layers.items():
+    if isinstance(value, Mapping):
+      value = [value.get("weights"), value.get("biases")]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+      raise UserInputError(
+        f"Caffe layer {name!r} holds {type(value).__name__}, not [weights, biases]"
+      )
+    tensors[f"{name}.weights"], tensors[f"{name}.biases"] = value
+  params = _import(tensors, "caffe", towers=2)
+  if rgb:
+    params["conv1"]["kernel"] = np.ascontiguousarray(params["conv1"]["kernel"][..., ::-1, :])
+  return params
+
+
+def from_caffe_npy(path: str, rgb: bool = False) -> Params:
+  """`from_caffe` of a bvlc_alexnet.npy file, read without running any pickled code."""
+  return from_caffe(read_caffe_npy(path), rgb=rgb)
+
+
+# Files.
+
+_NUMPY_GLOBALS = {
+  ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+  ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+  ("numpy", "ndarray"): np.ndarray,
+  ("numpy", "dtype"): np.dtype,
+  ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
+}
+
+
+class _Refused(pickle.UnpicklingError):
+  pass
+
+
+class _ArraysOnly(pickle.Unpickler):
+  """Rebuilds numpy arrays and plain containers; refuses every other global, so nothing in
+  the file can run."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) not in _NUMPY_GLOBALS:
+      raise _Refused(f"{module}.{name}")
+    return _NUMPY_GLOBALS[module, name]
+
+
+def read_caffe_npy(path: str) -> dict:
+  """The {layer: [weights, biases]} dict of a caffe-tensorflow .npy (written by Python 2 or 3)."""
+  readers = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+  }
+  with open(path, "rb") as f:
+    try:
+      version = np.lib.format.read_magic(f)
+      shape, _, dtype = readers[version](f)
+    except (ValueError, KeyError) as e:
+      raise UserInputError(f"{path} is not a .npy file numpy can read ({e})") from None
+    if dtype != np.dtype(object) or shape != ():
+      raise UserInputError(
+        f"{path} holds a {dtype} array of shape {shape}, not Caffe's pickled "
+        "{layer: [weights, biases]} dict"
+      )
+    try:
+      layers = _ArraysOnly(f, encoding="latin1").load().item()
+    except _Refused as e:
+      raise UserInputError(
+        f"refusing {path}: its pickle calls {e}, and a Caffe AlexNet .npy holds only numpy "
+        "arrays, lists and dicts; nothing was loaded"
+      ) from None
+    except Exception as e:  # truncated or corrupt
+      raise UserInputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+  if not isinstance(layers, dict):
+    raise UserInputError(
+      f"{path} holds a {type(layers).__name__}, not Caffe's {{layer: [weights, biases]}} dict"
+    )
+  return layers
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A .pth/.pt (torch, weights only), .safetensors or .npz state dict as numpy arrays."""
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix in (".pth", ".pt"):
+    torch = _need("torch", path)
+    try:
+      tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's refusal of pickled code, or a corrupt file
+      raise UserInputError(
+        f"{path} is not a state dict PyTorch loads with weights_only=True: {str(e).splitlines()[0]}"
+      ) from None
+    if not isinstance(tensors, Mapping) or not all(
+      isinstance(v, torch.Tensor) for v in tensors.values()
+    ):
+      raise UserInputError(f"{path} holds a {type(tensors).__name__}, not a state dict of tensors")
+    return {k: v.detach().float().numpy() for k, v in tensors.items()}
+  if suffix == ".safetensors":
+    load_file = _need("safetensors.numpy", path).load_file
+    try:
+      return dict(load_file(path))
+    except Exception as e:  # safetensors' own error types
+      raise UserInputError(f"cannot read {path} as safetensors: {str(e).splitlines()[0]}") from None
+  if suffix == ".npz":
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+    except ValueError as e:  # pickled objects, which allow_pickle=False refuses to run
+      raise UserInputError(f"refusing {path}: {e}") from None
+    except (OSError, zipfile.BadZipFile) as e:
+      raise UserInputError(f"cannot read {path} as .npz: {e}") from None
+  raise UserInputError(
+    f"unknown weights format {suffix or path!r} of {path}; use a state dict "
+    f"({', '.join(STATE_DICT_SUFFIXES)}) or Caffe's .npy"
+  )
+
+
+def write_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes under a temporary name first: an export killed mid-write leaves no bad file."""
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix in (".pth", ".pt"):
+    torch = _need("torch", path)
+    with files.atomic_path(path) as tmp:
+      torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp)
+  elif suffix == ".safetensors":
+    save_file = _need("safetensors.numpy", path).save_file
+    with files.atomic_path(path) as tmp:
+      save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+  elif suffix == ".npz":
+    with files.atomic_path(path) as tmp:
+      np.savez(tmp, **tensors)
+  else:
+    raise UserInputError(
+      f"unknown weights format {suffix or path!r} of {path}; use {', '.join(STATE_DICT_SUFFIXES)}"
+    )
+
+
+def _need(module: str, path: str) -> Any:
+  try:
+    return __import__(module, fromlist=["_"])
+  except ImportError:
+    raise UserInputError(
+      f"{path} needs the {module.split('.')[0]} package: pip install "
+      f"{module.split('.')[0]}, or use a .npz state dict"
+    ) from None
+
+
+def state_dict_format(tensors: Mapping, path: str) -> str:
+  if _keys("torchvision")["conv1"][0] in tensors:
+    return "torchvision"
+  if _keys("torch_grouped")["conv1"][0] in tensors:
+    return "torch_grouped"
+  raise UserInputError(
+    f"{path} has neither torchvision's AlexNet keys (features.0.weight, ...) nor the grouped "
+    f"net's (conv1.weight, ...); its keys start {sorted(tensors)[:4]}"
+  )
+
+
+def read_pretrained(path: str) -> tuple[Params, str]:
+  """A weights file as (parameters, format), adapted to our input pipeline: RGB pixels in
+  0-255 minus the mean (conv1 absorbs torchvision's std and Caffe's BGR order)."""
+  if os.path.splitext(path)[1].lower() == ".npy":
+    return from_caffe_npy(path, rgb=True), "caffe"
+  tensors = read_state_dict(path)
+  fmt = state_dict_format(tensors, path)
+  if fmt == "torchvision":
+    return from_torchvision(tensors, input_std=TORCHVISION_STD), fmt
+  return from_torch_grouped(tensors), fmt

@@ -1,0 +1,203 @@
+"""A real 2-step run, restored on other meshes and extracted: same features whatever the mesh or
+batch size, a folder with a broken image (API, and CLI in the slow suite), the one-command
+figures, one line per bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, TRAIN_PER_CLASS, assert_close
+
+from alexnet_jax import paper_figures
+from alexnet_jax.analysis import featurefile, features
+from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.data import synthetic
+from alexnet_jax.model import sharding
+from alexnet_jax.training import checkpoints
+from alexnet_jax.training.restore import restore
+
+
+@pytest.fixture(scope="module")
+def run(trained_run):
+  """The shared 2-step workdir, trained on 2 devices (a data-parallel 2x1 mesh)."""
+  return trained_run
+
+
+def mesh(data, model):
+  return sharding.make_mesh(model, jax.devices()[: data * model])
+
+
+@pytest.fixture(scope="module")
+def val_features(run, tmp_path_factory):
+  """The val split's features on one device, batch 4: the reference the other tests compare with."""
+  path = str(tmp_path_factory.mktemp("features") / "val.npz")
+  report = features.extract_split(restore(run, mesh=mesh(1, 1)), run, "val", path, batch_size=4)
+  assert report.count == 20 and report.skipped == ()
+  return featurefile.read(path)
+
+
+def test_features_file_contents(val_features):
+  f = val_features
+  assert f["fc7"].shape == (20, 4096) and f["fc7"].dtype == np.float32
+  assert f["top5_index"].shape == f["top5_prob"].shape == (20, 5)
+  assert np.all(np.diff(f["top5_prob"], axis=1) <= 0) and np.all(f["top5_prob"].sum(1) <= 1 + 1e-6)
+  assert f["classes"].tolist() == list(synthetic.CLASSES) and int(f["step"]) == 2
+  assert f["label"].tolist() == [c for c in range(10) for _ in range(2)]
+  assert [p.split(os.sep)[-2] for p in f["path"]] == [synthetic.CLASSES[c] for c in f["label"]]
+
+
+@pytest.mark.parametrize("data, model, batch_size", [(1, 1, 7), (1, 2, 6), (4, 2, 8), (8, 1, 24)])
+def test_same_features_on_any_mesh_and_batch_size(
+  run, val_features, tmp_path, data, model, batch_size
+):
+  """A checkpoint written on 2 devices restores on 1, 2 (one tower each) and 8; padding never
+  changes a row."""
+  restored = restore(run, mesh=mesh(data, model))
+  assert dict(restored.params["conv1"]["kernel"].sharding.mesh.shape) == {
+    "data": data,
+    "model": model,
+  }
+  path = str(tmp_path / "val.npz")
+  features.extract_split(restored, run, "val", path, batch_size=batch_size)
+  f = featurefile.read(path)
+  assert_close(f["fc7"], val_features["fc7"], rtol=1e-5)  # other meshes, other sum orders
+  np.testing.assert_array_equal(f["top5_index"], val_features["top5_index"])
+  np.testing.assert_array_equal(f["path"], val_features["path"])
+
+
+def folder_of_three(tmp_path, val_features) -> tuple:
+  """Three val images in nested folders, a broken one and a text file: (folder, {row: file})."""
+  folder = tmp_path / "images"
+  os.makedirs(folder / "nested" / "deeper")
+  picked = {
+    0: folder / "a.jpg",
+    7: folder / "nested" / "b.jpg",
+    19: folder / "nested" / "deeper" / "c.jpg",
+  }
+  for row, target in picked.items():
+    shutil.copy(val_features["path"][row], target)
+  (folder / "nested" / "broken.jpg").write_text("not an image")
+  (folder / "notes.txt").write_text("ignored")
+  return folder, picked
+
+
+def assert_features_of(output, picked, val_features):
+  f = featurefile.read(output)
+  assert f["path"].tolist() == sorted(str(p) for p in picked.values())
+  by_path = dict(zip(f["path"].tolist(), f["fc7"]))
+  for row, target in picked.items():  # preprocessed exactly as the split: same features
+    assert_close(by_path[str(target)], val_features["fc7"][row], rtol=1e-5)
+  assert f["label"].tolist() == [-1] * 3 and f["classes"].tolist() == list(synthetic.CLASSES)
+
+
+def test_a_folder_skips_and_names_an_unreadable_image(run, val_features, tmp_path):
+  folder, picked = folder_of_three(tmp_path, val_features)
+  output = str(tmp_path / "out" / "folder.npz")
+  report = features.extract_folder(restore(run, mesh=mesh(1, 1)), run, str(folder), output, 8)
+  assert report.count == 3 and report.skipped == (str(folder / "nested" / "broken.jpg"),)
+  assert_features_of(output, picked, val_features)
+
+
+@pytest.mark.slow
+def test_the_cli_on_a_folder_reports_what_it_wrote_and_skipped(run, val_features, tmp_path):
+  folder, picked = folder_of_three(tmp_path, val_features)
+  output = str(tmp_path / "out" / "folder.npz")
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "alexnet_jax.extract",
+      f"--workdir={run}",
+      f"--images={folder}",
+      f"--output={output}",
+      "--batch_size=8",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (
+    f"wrote 3 images to {output}; skipped 1 unreadable: {folder / 'nested' / 'broken.jpg'}"
+    in result.stdout
+  )
+  assert "skipped unreadable image" in result.stderr
+  assert_features_of(output, picked, val_features)
+
+
+def test_paper_figures_in_one_call(run, tmp_path):
+  out = paper_figures.run(run, str(tmp_path / "figs"), num_queries=3, k=4, batch_size=8)
+  assert sorted(os.listdir(tmp_path / "figs")) == sorted(paper_figures.FILES.values())
+  with open(out["kernels"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert len(featurefile.read(out["train"])["path"]) == 10 * TRAIN_PER_CLASS
+
+
+def test_bad_inputs_are_one_line_errors(run, tmp_path):
+  def fails(match, fn, *args, **kwargs):
+    with pytest.raises(UserInputError, match=match) as e:
+      fn(*args, **kwargs)
+    assert "\n" not in str(e.value)
+
+  fails("has no checkpoints/: train first", restore, str(tmp_path))
+  shutil.copytree(os.path.join(run, "checkpoints"), tmp_path / "no_config" / "checkpoints")
+  fails("has checkpoints but no config.json", restore, str(tmp_path / "no_config"))
+  (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+  shutil.copy(os.path.join(run, checkpoints.CONFIG_FILE), tmp_path / "unfinished")
+  fails("holds no finished checkpoint", restore, str(tmp_path / "unfinished"))
+  fails(
+    "holds a 'paper' net, not 'torchvision': pass --variant=paper",
+    restore,
+    run,
+    variant="torchvision",
+  )
+  fails(r"no checkpoint at step 7; it has steps \[2\]", restore, run, step=7)
+  (tmp_path / "empty" / "sub").mkdir(parents=True)
+  (tmp_path / "empty" / "sub" / "readme.txt").write_text("x")
+  fails("no .jpg/.jpeg/.png images in", features.find_images, str(tmp_path / "empty"))
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "x.png").write_bytes(b"\x89PNG broken")
+  fails(
+    "none of the 1 images in .* could be read",
+    features.extract_folder,
+    restore(run),
+    run,
+    str(tmp_path / "bad"),
+    str(tmp_path / "o.npz"),
+  )
+  fails(
+    "batch_size=12 does not divide over the 8 devices",
+    features.extract_split,
+    restore(run),
+    run,
+    "val",
+    str(tmp_path / "o.npz"),
+    batch_size=12,
+  )
+  assert not os.path.exists(tmp_path / "o.npz")
+
+
+@pytest.mark.slow  # a process of its own; the message itself: test_bad_inputs_are_one_line_errors
+def test_cli_error_is_one_line(tmp_path):
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "alexnet_jax.extract",
+      f"--workdir={tmp_path}",
+      f"--images={tmp_path}",
+      f"--output={tmp_path / 'f.npz'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+    f"error: workdir {tmp_path} has no checkpoints/: train first with python -m alexnet_jax.main "
+    f"--workdir={tmp_path}, or pass the workdir of a run"
+  )

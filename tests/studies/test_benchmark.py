@@ -1,0 +1,138 @@
+"""The benchmark measures and reports what it says, on machines without TensorFlow; the
+backend's tables (peak FLOP/s, compiler options, dtypes) answer as documented."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from conftest import ROOT, need_torch
+
+from alexnet_jax.model import backend
+from alexnet_jax.model.alexnet import AlexNet
+from alexnet_jax.studies import benchmark
+
+
+def test_train_flops_are_the_papers():
+  assert benchmark.train_flops_per_image(AlexNet(), 227) == pytest.approx(4.346e9, rel=1e-3)
+  # Only the shapes count: the one-tower torchvision net has its own figure.
+  assert benchmark.train_flops_per_image(AlexNet(variant="torchvision"), 224) == pytest.approx(
+    6 * 714.2e6, rel=1e-3
+  )
+
+
+def test_peaks_by_device_kind():
+  assert backend.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert backend.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert backend.peak_flops("TPU v5 lite", "float32") is None  # not in the table: MFU left out
+  assert backend.peak_flops("cpu", "float32") is None
+
+
+def test_unsupported_dtype_is_named(monkeypatch):
+  backend.check_dtype("bfloat16")  # the CPU computes in bfloat16
+
+  def refuse(*args, **kwargs):
+    raise NotImplementedError("no bf16 convolutions here")
+
+  monkeypatch.setattr(jax.lax, "conv_general_dilated", refuse)
+  with pytest.raises(
+    ValueError, match="bfloat16 is not supported on cpu .*no bf16 convolutions here; use float32"
+  ):
+    backend.check_dtype("bfloat16")
+
+
+@pytest.mark.parametrize(
+  "case, message",
+  [
+    (
+      benchmark.Case("2x1", "float32", 3),
+      "batch 3 does not divide over mesh 2x1's data axis of size 2",
+    ),
+    (benchmark.Case("3x3", "float32", 9), "mesh 3x3 needs 9 devices; this process has 8"),
+    (benchmark.Case("two", "float32", 2), "use 'none' or DATAxMODEL"),
+  ],
+)
+def test_bench_bad_cases_are_named(case, message):
+  with pytest.raises(ValueError, match=message):
+    benchmark.build(case, "paper", 67)
+
+
+@pytest.mark.long  # 30 s; the bench command's own test (slow) covers the report's form
+def test_bench_report_without_a_known_peak_leaves_mfu_out():
+  report = benchmark.run([benchmark.Case("1x2", "float32", 2, "plain")], "paper", 67, 1, 0.01)
+  (result,) = report["results"]
+  assert report["images_per_sec"] == result["images_per_sec"] > 0
+  assert "no peak FLOP/s known for 'cpu'" in report["mfu_note"] and "mfu" not in result
+  assert report["peak_memory_gb"] == "not available on cpu" and result["memory_gb"] > 0
+  assert result["ops_impl"] == "plain" and result["train_ratio_to_first"] == 1.0
+  assert "| 1x2 | float32 | 2 | plain | backend |" in benchmark.markdown(report)
+
+
+def run_command(run: str, args: list[str], no_torch: bool = False) -> list[str]:
+  """Runs `run` (a runpy call) as a command with `args` on 2 simulated devices; its stdout lines.
+
+  Afterwards, in the same process, it asserts that neither TensorFlow nor the configs were
+  loaded; `no_torch` makes `import torch` fail as on a machine without it."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  script = (
+    "import runpy, sys\nsys.argv = sys.argv[1:]\n"
+    + ("sys.modules['torch'] = None\n" if no_torch else "")
+    + f"try:\n  {run}\nexcept SystemExit as e:\n  assert not e.code, e.code\n"
+    "assert not {'tensorflow', 'ml_collections'} & set(sys.modules)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", script, "command"] + args,
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_bench_command_prints_json_last_and_imports_no_tensorflow():
+  lines = run_command(
+    "runpy.run_module('alexnet_jax.bench', run_name='__main__', alter_sys=True)",
+    [
+      "--batch_size=2",
+      "--image_size=67",
+      "--dtype=bfloat16",
+      "--rounds=1",
+      "--round_seconds=0.01",
+      "--peak_tflops=1",
+    ],
+  )
+  report = json.loads(lines[-1])
+  assert report["results"][0]["dtype"] == "bfloat16" and report["results"][0]["mfu"] > 0
+  assert any(line.startswith("| none | bfloat16 | 2 | fast | backend |") for line in lines)
+
+
+@pytest.mark.parametrize(
+  "no_torch",
+  [pytest.param(True, marks=pytest.mark.slow), pytest.param(False, marks=pytest.mark.long)],
+)
+def test_cpu_vs_torch_times_torch_only_where_installed(no_torch):
+  if not no_torch:
+    need_torch()
+  lines = run_command(
+    "runpy.run_path('benchmarks/cpu_vs_torch.py', run_name='__main__')",
+    ["--batch_size=2", "--rounds=1", "--round_seconds=0.01"],
+    no_torch=no_torch,
+  )
+  report = json.loads(lines[-1])
+  ours = report["results"]["jax none"]
+  assert ours["images_per_sec"] > 0
+  if no_torch:
+    assert (
+      set(report["results"]) == {"jax none"}
+      and report["torch"] is None
+      and ours["speedup_vs_torch_eager"] is None
+    )
+    assert "torch not installed: no baseline" in lines[0]
+  else:
+    assert report["torch_baseline"] in report["results"] and ours["speedup_vs_torch_eager"] > 0
