@@ -31,6 +31,7 @@ again with 4m candidates, until it is or m covers the database.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,13 @@ def _exact(queries: np.ndarray, database, index: np.ndarray) -> np.ndarray:
   return dist
 
 
+class Neighbours(NamedTuple):
+  """Each query's k nearest database rows, nearest first."""
+
+  index: np.ndarray  # (Q, k) int32 row numbers into the database
+  distance: np.ndarray  # (Q, k) float32 Euclidean distances
+
+
 def nearest(
   queries: np.ndarray,
   database: np.ndarray,
@@ -131,12 +139,19 @@ def nearest(
   query_chunk: int = 1024,
   database_chunk: int = 16384,
   device: jax.Device | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-  """The k database rows nearest to each query: (indices (Q, k) int32, distances (Q, k) float32).
+) -> Neighbours:
+  """The k database rows nearest to each query by Euclidean distance, exactly.
 
-  Nearest first; among equal distances the lower index. database: (N, D), any array-like
-  that slices into numpy (np.memmap included), read one chunk of rows at a time, then the few
-  candidate rows of each query by (increasing) index.
+  Args:
+    queries: (Q, D) features.
+    database: (N, D), any array-like that slices into numpy (np.memmap included), read one
+      chunk of rows at a time, then the few candidate rows of each query by increasing index.
+    k: neighbours per query, 1 <= k <= N.
+    query_chunk, database_chunk: rows compared at once on the device (memory, not results).
+    device: where the comparisons run (default: the first device).
+
+  Returns:
+    Neighbours(index, distance), nearest first; among equal distances the lower index.
   """
   queries = np.asarray(queries, np.float32)
   n = len(database)
@@ -167,4 +182,4 @@ def nearest(
     index[todo[done]] = np.take_along_axis(cand, order, 1)[done]
     dist[todo[done]] = np.sqrt(exact[done])
     todo, m = todo[~done], min(n, 4 * m)
-  return index, dist
+  return Neighbours(index, dist)

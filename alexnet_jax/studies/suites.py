@@ -288,11 +288,15 @@ def curves(runs: list[Run]) -> dict:
   return out
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, workdir: str) -> int:
-  from alexnet_jax.data import datasets
-
-  train_split, _, _ = datasets.load_splits(config, workdir)
-  return len(train_split) // config.batch_size
+def epochs_of(run: Run) -> dict[int, float]:
+  """{step: epoch} from the run's metrics lines, which carry both: no dataset is opened."""
+  records = metrics.read_metrics(run.workdir)
+  if any("epoch" not in r for r in records):
+    raise UserInputError(
+      f"{run.workdir}/metrics.jsonl has lines without an epoch (written by an older "
+      "alexnet_jax); train that run again to draw Figure 1"
+    )
+  return {r["step"]: r["epoch"] for r in records}
 
 
 def first_reach(epochs: np.ndarray, errors: np.ndarray, target: float) -> float | None:
@@ -310,9 +314,11 @@ def figure1(workdir: str, runs: list[Run], target: float) -> str | None:
   chosen = [r for r in runs if r.variant in (relu, "tanh")]
   if {r.variant for r in chosen} != {relu, "tanh"}:
     return None
-  per_epoch = steps_per_epoch(chosen[0].config, workdir)
+  epoch = {}
+  for run in chosen:
+    epoch |= epochs_of(run)
   found = {v: c["train"] for v, c in curves(chosen).items()}
-  by_epoch = {v: (steps / per_epoch, errors) for v, (steps, errors) in found.items()}
+  by_epoch = {v: (np.asarray([epoch[s] for s in steps]), e) for v, (steps, e) in found.items()}
   reached = {v: first_reach(e, errors, target) for v, (e, errors) in by_epoch.items()}
   figures.figure1(by_epoch, target, reached, os.path.join(workdir, "figure1.png"))
   fast, slow = reached.get(relu), reached.get("tanh")

@@ -22,10 +22,11 @@ def _plain(value):
 
 
 class MetricWriter:
-  """Appends to metrics.jsonl and TensorBoard event files under workdir."""
+  """Appends to metrics.jsonl and TensorBoard event files under workdir. Every record carries
+  its step and epoch (steps / steps_per_epoch), so that reports need not open the dataset."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
+  def __init__(self, workdir: str, steps_per_epoch: int, enabled: bool = True):
+    self.enabled, self.steps_per_epoch = enabled, steps_per_epoch
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
@@ -37,7 +38,8 @@ class MetricWriter:
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step)} | {k: _plain(v) for k, v in metrics.items()}
+    record = {"step": int(step), "epoch": round(step / self.steps_per_epoch, 6)}
+    record |= {k: _plain(v) for k, v in metrics.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     with self._tb.as_default(step=int(step)):

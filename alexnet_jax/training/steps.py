@@ -6,7 +6,7 @@ exactly the step that training runs, on machines without either.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -149,6 +149,14 @@ def make_eval_step(model: AlexNet):
   return eval_step
 
 
+class JittedSteps(NamedTuple):
+  """The two steps a run compiles: `train(state, batch, mean_image) -> (state, metrics)` and
+  `evaluate(params, batch, mean_image) -> metrics`."""
+
+  train: Callable
+  evaluate: Callable
+
+
 def jit_steps(
   model: AlexNet,
   tx: optax.GradientTransformation,
@@ -158,17 +166,19 @@ def jit_steps(
   seed: int,
   skip_nonfinite: bool = False,
   compiler_options: dict | None = None,
-):
-  """(train step, eval step), jitted as training runs them: the state donated, batches split
+) -> JittedSteps:
+  """The train and eval steps, jitted as training runs them: the state donated, batches split
   over `data`, metrics and the mean image replicated. `mesh=None`: one device, no shardings.
   The benchmark times these very functions."""
   train_step = make_train_step(model, tx, seed, skip_nonfinite)
   eval_step = make_eval_step(model)
   options = dict(compiler_options=compiler_options)
   if mesh is None:
-    return jax.jit(train_step, donate_argnums=0, **options), jax.jit(eval_step, **options)
+    return JittedSteps(
+      jax.jit(train_step, donate_argnums=0, **options), jax.jit(eval_step, **options)
+    )
   batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  return (
+  return JittedSteps(
     jax.jit(
       train_step,
       donate_argnums=0,

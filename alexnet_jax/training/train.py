@@ -25,6 +25,7 @@ from alexnet_jax.model.alexnet import AlexNet
 from alexnet_jax.training import (
   builders,
   checkpoints,
+  class_names,
   metrics,
   optim,
   preemption,
@@ -144,8 +145,8 @@ class _Job:
     return jax.device_put(self.stats.mean_image, self.replicated)
 
   @functools.cached_property
-  def steps(self) -> tuple[Any, Any]:
-    """(train step, eval step), jitted with their shardings; compiled on first call."""
+  def steps(self) -> steps.JittedSteps:
+    """The train and eval steps, jitted with their shardings; compiled on first call."""
     return steps.jit_steps(
       self.model,
       self.tx,
@@ -162,7 +163,7 @@ class _Job:
     batches = input_pipeline.eval_batches(
       self.val_split, crops=self.config.eval_crops, **self.data_args
     )
-    return evaluate(self.steps[1], params, batches, self.batch_sharding, self.mean_image)
+    return evaluate(self.steps.evaluate, params, batches, self.batch_sharding, self.mean_image)
 
   @property
   def replicated(self) -> NamedSharding:
@@ -234,7 +235,7 @@ def evaluate_checkpoint(
     job.mgr.close()
   result = job.evaluate(state.params)
   _log_eval(int(state.step), result)
-  writer = metrics.MetricWriter(job.workdir, enabled=jax.process_index() == 0)
+  writer = metrics.MetricWriter(job.workdir, job.steps_per_epoch, jax.process_index() == 0)
   writer.write(int(state.step), result | {"val/eval_crops": config.eval_crops})
   writer.close()
   return result
@@ -247,8 +248,18 @@ class NonFiniteLoss(UserInputError):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in workdir if any) and evaluates.
 
-  Returns the last evaluation's metrics. SIGTERM or SIGINT saves a checkpoint at the
-  current step and returns; rerunning the same command continues bit-identically.
+  SIGTERM or SIGINT saves a checkpoint at the current step and returns; rerunning the same
+  command continues bit-identically.
+
+  Args:
+    config: the run's settings (configs/*.py's get_config(), overrides applied); checked
+      before any data is read or anything compiled.
+    workdir: where checkpoints/, metrics.jsonl, config.json, stats.npz, classes.json and
+      tensorboard/ go; a workdir with checkpoints is resumed.
+
+  Returns:
+    The last evaluation's metrics ({"val/loss", "val/top1_error", "val/top5_error", ...});
+    empty if the run stopped before its first evaluation.
   """
   job = _setup(config, workdir)
   lead = jax.process_index() == 0
@@ -263,14 +274,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if lead:
     checkpoints.save_config(job.workdir, config)
     input_pipeline.save_stats(job.workdir, job.stats)
+    class_names.write(job.workdir, job.train_split.classes)
     # Lines a killed run wrote past its last checkpoint, and an evaluation that will be redone.
     metrics.keep_records(
       job.workdir,
       lambda r: r["step"] < start or (r["step"] == start and not (eval_pending and _is_eval(r))),
     )
 
-  train_step = job.steps[0]
-  writer = metrics.MetricWriter(job.workdir, enabled=lead)
+  train_step = job.steps.train
+  writer = metrics.MetricWriter(job.workdir, job.steps_per_epoch, enabled=lead)
   progress = metrics.Progress(total_steps, start, enabled=lead)
   stream = input_pipeline.train_batches(
     job.train_split,

@@ -3,10 +3,12 @@ resumes to the same table, bad suites fail before any run, runs get disjoint dev
 
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import ROOT, small_config, small_settings
 
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.studies import suites
@@ -192,7 +194,7 @@ def test_a_diverging_run_is_marked_and_the_suite_goes_on(tmp_path, monkeypatch):
     os.makedirs(run_dir, exist_ok=True)
     if config.learning_rate > 1:
       raise train.NonFiniteLoss("the loss, a gradient or a parameter became NaN/Inf at step 3")
-    writer = metrics.MetricWriter(run_dir)
+    writer = metrics.MetricWriter(run_dir, steps_per_epoch=2)
     writer.write(2, {"train/top1_error": 0.5, "images_per_sec": 10.0})
     writer.write(2, {"val/top1_error": 0.25, "val/top5_error": 0.125})
     writer.close()
@@ -219,19 +221,56 @@ def test_the_readme_suites_plan_on_configs_ablations(tmp_path):
   assert runs[1].config.seed == 1 and runs[2].config.model.activation == "tanh"
 
 
+def finished_figure1_runs(config, workdir: str) -> list:
+  """Figure 1's two runs, finished, their training errors written by hand (5 steps an epoch):
+  ReLU reaches 25% in epoch 2, tanh in epoch 4."""
+  runs = suites.plan(config, suites.FIGURE1, 1, workdir)
+  for run, errors in zip(runs, ([0.8, 0.2, 0.1, 0.1], [0.9, 0.8, 0.6, 0.2])):
+    writer = metrics.MetricWriter(run.workdir, steps_per_epoch=5)
+    for epoch, error in enumerate(errors, 1):
+      writer.write(5 * epoch, {"train/top1_error": error, "images_per_sec": 1.0})
+      writer.write(5 * epoch, {"val/top1_error": error, "val/top5_error": error / 2})
+    writer.close()
+    open(os.path.join(run.workdir, "DONE"), "w").write("finished\n")
+  return runs
+
+
+def test_report_only_reads_the_runs_files_and_imports_no_tensorflow(tmp_path):
+  """`--report_only` redraws results.md from the runs' metrics lines: no dataset opened (the
+  epochs are in the lines), and no TensorFlow imported (seconds and memory on a laptop)."""
+  workdir, data_dir = str(tmp_path / "suite"), str(tmp_path / "data")
+  finished_figure1_runs(tiny(data_dir), workdir)
+  args = [
+    "--suite=figure1",
+    f"--workdir={workdir}",
+    "--report_only",
+    *(f"--config.{k}={v}" for k, v in small_settings(data_dir, {}).items()),
+  ]
+  script = (
+    "import runpy, sys\n"
+    f"sys.argv = ['experiments', *{args!r}]\n"
+    "try:\n"
+    "  runpy.run_module('alexnet_jax.experiments', run_name='__main__', alter_sys=True)\n"
+    "except SystemExit as e:\n"
+    "  assert not e.code, e.code\n"
+    "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "tanh takes 2.0x as long" in (tmp_path / "suite" / "results.md").read_text()
+  assert not os.path.exists(data_dir)
+
+
 def test_figure1_line_gives_the_epochs_to_the_target_and_their_ratio(tmp_path):
   """From the runs' own training errors (written here, 5 steps per epoch): ReLU at 25% in
   epoch 2, tanh in epoch 4: 2.0x; a target tanh never reaches names one it does."""
   config, workdir = tiny(str(tmp_path / "data")), str(tmp_path / "suite")
-  runs = suites.plan(config, suites.FIGURE1, 1, workdir)
-  for run, errors in zip(runs, ([0.8, 0.2, 0.1, 0.1], [0.9, 0.8, 0.6, 0.2])):
-    writer = metrics.MetricWriter(run.workdir)
-    for epoch, error in enumerate(errors, 1):
-      writer.write(5 * epoch, {"train/top1_error": error})
-    writer.close()
-    open(os.path.join(run.workdir, "DONE"), "w").write("finished\n")
+  runs = finished_figure1_runs(config, workdir)
   line = suites.figure1(workdir, runs, 0.25)
   assert "epoch 2.00 with ReLU (relu) and 4.00 with tanh: tanh takes 2.0x" in line
   assert os.path.exists(os.path.join(workdir, "figure1.png"))
   line = suites.figure1(workdir, runs, 0.15)
   assert "never with tanh" in line and "ReLU 10.0%, tanh 20.0%; --target_error=0.20" in line
+  assert not os.path.exists(tmp_path / "data")  # the epochs came from the metrics lines

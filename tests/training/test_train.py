@@ -11,7 +11,7 @@ from conftest import params_of, small_config
 
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.model import sharding
-from alexnet_jax.training import builders, checkpoints, metrics, train
+from alexnet_jax.training import builders, checkpoints, class_names, metrics, train
 from configs import default
 
 
@@ -54,6 +54,10 @@ def test_one_training_step_and_evaluation(trained_run, data_dir):
   assert 0.0 <= evals[0]["val/top1_error"] <= 1.0 and evals[0]["val/loss"] > 0
   assert os.listdir(os.path.join(trained_run, "tensorboard"))
   assert json.load(open(os.path.join(trained_run, "config.json")))["model"]["variant"] == "paper"
+  # What later readers need without the dataset: each line's epoch (80 images, batch 16: 5
+  # steps an epoch) and the class names the labels index.
+  assert [r["epoch"] for r in records] == [r["step"] / 5 for r in records]
+  assert class_names.read(trained_run) == tuple(sorted(os.listdir(os.path.join(data_dir, "train"))))
   # The checkpoint holds trained parameters: they moved away from the seeded initialisation.
   config = small_config(data_dir)
   state = final_state(trained_run, config)
