@@ -1,15 +1,10 @@
-"""Throughput of training's own steps on synthetic, device-resident batches.
+"""Timing of training's own jitted steps (`steps.jit_steps`), the work of
+`python -m alexnet_jax.bench`.
 
-  python -m alexnet_jax.bench --variant=paper --batch_size=32 --dtype=float32
-  python -m alexnet_jax.bench --batch_size=128,256,512 --dtype=float32,bfloat16 --meshes=none,1x2
-
-Every case (mesh x dtype x batch size x ops) runs the train step training runs (forward,
-backward, the paper's SGD: `steps.make_train_step`) and the evaluation step, jitted with
-the backend's compiler options. All cases are compiled first, then timed in alternating
-rounds, so that a busy machine slows them alike and their ratios hold. Prints a markdown
-table, then, last, one JSON line whose `images_per_sec` is the first case's train step.
-Imports neither TensorFlow nor the configs: it runs on any machine with JAX, Flax and Optax.
-On a CPU host, simulated devices are created for the meshes.
+Batches are synthetic and already on the devices, so the figures are the step's alone. Every
+case is compiled first, then all are timed in alternating rounds: a busy machine slows them
+alike and their ratios hold. Imports neither TensorFlow nor the configs: it runs on any
+machine with JAX, Flax and Optax.
 """
 
 import dataclasses
@@ -46,9 +41,8 @@ class Built:
   train: Callable[[int], None]  # runs n train steps and waits for them
   evaluate: Callable[[int], None]  # runs n evaluation steps and waits for them
   compile_s: float  # the train step's lowering and compilation
-  memory_bytes: (
-    int | None
-  )  # XLA's estimate for the compiled train step per device: arguments + outputs + temporaries
+  # XLA's estimate for the compiled train step per device: arguments + outputs + temporaries.
+  memory_bytes: int | None
 
 
 def train_flops_per_image(model: AlexNet, image_size: int) -> float:

@@ -1,18 +1,12 @@
-"""The paper's experiments in one command: the ablations of §3-4, Figure 1, or any sweep,
-each variant for every seed in its own workdir, then a table and plots of their results.
+"""Suites of training runs, the work of `python -m alexnet_jax.experiments`.
 
-  python -m alexnet_jax.experiments --config=configs/ablations.py --suite=ablations \
-      --workdir=DIR [--seeds=3] [--runs_at_once=N] [--report_only] [--config.KEY=VALUE ...]
-
---suite: `ablations` (baseline, tanh, one tower, no LRN, non-overlapping pooling, no PCA
-colour noise, no dropout), `figure1` (ReLU against tanh: training error against epochs, the
-epochs each takes to reach --target_error and their ratio), or FILE.py whose get_suite()
-returns {variant: {config key: value}}. Every run is DIR/VARIANT/seedN, a normal workdir.
-The suite resumes: finished runs are skipped, a stopped one continues from its checkpoint
-(SIGTERM stops the whole suite after saving), a run whose loss turns NaN is marked diverged
-and the suite goes on; other settings for an existing DIR are refused, but for --seeds (a
-larger number adds runs). Every number in DIR/results.md, DIR/curves.png and
-DIR/figure1.png comes from the runs' own metrics.jsonl (--report_only redraws them).
+A suite maps variants to config overrides. `plan` gives every (variant, seed) its own normal
+workdir, DIR/VARIANT/seedN; `execute` trains them one by one or side by side on disjoint
+device groups, skipping finished runs (a DONE file), marking diverged ones (a DIVERGED file)
+and stopping the suite on SIGTERM once the running ones saved; `report`, `curves` and
+`figure1` read only the runs' files (metrics.jsonl lines carry step and epoch), so a report
+needs neither the dataset nor TensorFlow. experiment.json pins a suite's settings: another
+config for an existing DIR is refused, more seeds are added.
 """
 
 from __future__ import annotations

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TRAIN_PER_CLASS, assert_close
 
-from alexnet_jax import paper_figures
-from alexnet_jax.analysis import featurefile, features
+from alexnet_jax.analysis import featurefile, features, paper_figures
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import synthetic
 from alexnet_jax.model import sharding
