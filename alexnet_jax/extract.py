@@ -19,6 +19,7 @@ from absl import flags, logging
 from alexnet_jax.analysis import features
 from alexnet_jax.core import cli
 from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.data import image_files
 from alexnet_jax.model.alexnet import VARIANTS
 from alexnet_jax.training.restore import restore
 
@@ -26,7 +27,7 @@ from alexnet_jax.training.restore import restore
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's workdir (checkpoints/ and config.json).")
   flags.DEFINE_string(
-    "images", None, "A folder of .jpg/.jpeg/.png images, nested folders included."
+    "images", None, f"A folder of {image_files.NAMED} images, nested folders included."
   )
   flags.DEFINE_enum(
     "split", None, ["train", "val"], "A split of the run's own dataset, instead of --images."

@@ -30,7 +30,7 @@ from absl import flags
 
 from alexnet_jax.core import cli
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import prepare_shards
+from alexnet_jax.data import prepare_shards, shard_format
 
 
 def define_flags() -> None:
@@ -50,7 +50,7 @@ def define_flags() -> None:
 
 def main() -> None:
   f = flags.FLAGS
-  prepare_shards.check_format(f.format)
+  shard_format.check_format(f.format)
   if f.data_dir and not f.manual_dir and f.format == "raw":
     prepare_shards.to_raw(f.data_dir)  # the JPEG shards already there
   elif not f.manual_dir or not f.data_dir:

@@ -3,7 +3,7 @@
   python benchmarks/end_to_end.py [--batch_size=32] [--images=640] [--rounds=3] [--dtype=float32]
 
 Photo-like 500x375 JPEGs are prepared into shards as `alexnet_jax.prepare` writes them for
-ImageNet (256x256, JPEG); the pipeline side trains on `input_pipeline.train_batches` over
+ImageNet (256x256, JPEG); the pipeline side trains on `batches.train_batches` over
 them (random 227 crops, flips, PCA colour noise, the per-pixel mean image), each batch put on
 the devices as training puts it; the synthetic side is `alexnet_jax.bench`'s. Both run the
 same jitted train step, alternating in every round, in one process: on a CPU the tf.data
@@ -32,8 +32,9 @@ from absl import flags
 from input_pipeline import make_folder
 
 from alexnet_jax.core import cli
-from alexnet_jax.data import augment, prepare_shards
-from alexnet_jax.data import input_pipeline as ip
+from alexnet_jax.data import augment, prepare_shards, sources
+from alexnet_jax.data.batches import train_batches
+from alexnet_jax.data.stats import load_stats
 from alexnet_jax.model import sharding
 from alexnet_jax.studies import benchmark
 from alexnet_jax.training import train
@@ -80,9 +81,9 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     make_folder(os.path.join(tmp, "raw"), args.images)
     prepare_shards.prepare(os.path.join(tmp, "raw"), os.path.join(tmp, "out"), stats_images=100)
-    train, _ = ip.read_prepared(os.path.join(tmp, "out"))
-    stats = ip.load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
-    batches = ip.train_batches(
+    train = sources.read_prepared(os.path.join(tmp, "out")).train
+    stats = load_stats(os.path.join(tmp, "out"), 256, (0, 0, 0))
+    batches = train_batches(
       train, batch_size=args.batch_size, image_size=227, resize_size=256, stats=stats, seed=0
     )
     runners = {
@@ -94,10 +95,10 @@ def main() -> None:
     counts = {k: benchmark.steps_for(r, args.round_seconds) for k, r in runners.items()}
     times = benchmark.time_rounds(runners, counts, args.rounds)
     fast = dict(batch_size=args.fast_batch_size, image_size=227, resize_size=256, stats=stats)
-    formats = {"jpeg": ip.train_batches(train, seed=1, **fast)}
+    formats = {"jpeg": train_batches(train, seed=1, **fast)}
     prepare_shards.to_raw(os.path.join(tmp, "out"))
-    raw, _ = ip.read_prepared(os.path.join(tmp, "out"))
-    formats["raw"] = ip.train_batches(raw, seed=1, **fast)
+    raw = sources.read_prepared(os.path.join(tmp, "out")).train
+    formats["raw"] = train_batches(raw, seed=1, **fast)
     waits = {k: input_wait(b, stats.mean_image, args.fast_steps) for k, b in formats.items()}
   rows = {k: round(args.batch_size / statistics.median(t), 2) for k, t in times.items()}
   ratio = round(benchmark.median_ratio(times["synthetic"], times["input pipeline"]), 3)

@@ -25,12 +25,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
+import tensorflow as tf
 from absl import flags
 from PIL import Image
 
 from alexnet_jax.core import cli
-from alexnet_jax.data import input_pipeline as ip
-from alexnet_jax.data import prepare_shards, tfds_source
+from alexnet_jax.data import prepare_shards, sources, tfds_source
+from alexnet_jax.data.batches import numpy_iterator, train_batches
+from alexnet_jax.data.stats import load_stats
 
 
 def make_folder(root: str, images: int) -> None:
@@ -70,19 +72,14 @@ def store_as_tfds(folder: str, data_dir: str) -> None:
   )
 
 
-def bare_decode(split, batch: int):
-  """The bare decode of every image of the split, one thread, nothing else."""
-  tf = ip.tf
-  if isinstance(split, ip.Shards):
-    whole, _ = ip.readers(split)
-    decode = lambda i: whole(i)[0]  # noqa: E731
-  else:
-    read, _ = ip.encoded_reader(split)
-    decode = lambda i: ip.decode(read(i)[0])  # noqa: E731
-  return ip.numpy_iterator(
+def bare_decode(split: sources.Shards | sources.Records, batch: int):
+  """The bare decode of every image of the split (its reader's `decoded`), one thread,
+  nothing else."""
+  decoded = split.reader().decoded
+  return numpy_iterator(
     tf.data.Dataset.range(len(split))
     .repeat()
-    .map(decode, num_parallel_calls=1)
+    .map(lambda i: decoded(i)[0], num_parallel_calls=1)
     .batch(batch)
     .prefetch(2)
   )
@@ -109,27 +106,27 @@ def main() -> None:
     make_folder(os.path.join(tmp, "raw"), args.images)
     out = os.path.join(tmp, "out")
     prepare_shards.prepare(os.path.join(tmp, "raw"), out, stats_images=100)
-    shards, _ = ip.read_prepared(out)  # JPEG, read before the conversion marks the info raw
+    shards = sources.read_prepared(out).train  # JPEG, read before to_raw marks the info raw
     prepare_shards.to_raw(out)
-    raw, _ = ip.read_prepared(out)
+    raw = sources.read_prepared(out).train
     store_as_tfds(os.path.join(tmp, "raw"), os.path.join(tmp, "tfds"))
-    originals, _, _ = tfds_source.open_splits("originals", os.path.join(tmp, "tfds"), "train", "")
-    stats = ip.load_stats(out, 256, (0, 0, 0))
+    originals = tfds_source.open_splits("originals", os.path.join(tmp, "tfds"), "train", "").train
+    stats = load_stats(out, 256, (0, 0, 0))
     batch = 256
     crops = dict(batch_size=batch, image_size=227, resize_size=256)  # the paper's, one thread
     sides = {
-      "raw shards, training pipeline": ip.train_batches(
+      "raw shards, training pipeline": train_batches(
         raw, stats=stats, seed=0, num_parallel_calls=1, **crops
       ),
-      "raw shards, training pipeline, 2 threads": ip.train_batches(
+      "raw shards, training pipeline, 2 threads": train_batches(
         raw, stats=stats, seed=0, num_parallel_calls=2, **crops
       ),
       "prepared shards, bare decode (256x256 JPEG)": bare_decode(shards, batch),
-      "prepared shards, training pipeline": ip.train_batches(
+      "prepared shards, training pipeline": train_batches(
         shards, stats=stats, seed=0, num_parallel_calls=1, **crops
       ),
       "TFDS originals, bare decode (500x375 JPEG)": bare_decode(originals, batch),
-      "TFDS originals, training pipeline": ip.train_batches(
+      "TFDS originals, training pipeline": train_batches(
         originals, stats=stats, seed=0, num_parallel_calls=1, **crops
       ),
     }

@@ -188,6 +188,34 @@ def add(tar, name: str, data: bytes) -> None:
   tar.addfile(info, io.BytesIO(data))
 
 
+def write_image(path: str, mode: str, size, value: int) -> None:
+  """A constant image of PIL `mode` ("L", "RGB", "RGBA") and `size` (width, height) at `path`,
+  its format from the extension; folders are made."""
+  from PIL import Image
+
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+  array = np.full(size[::-1] + ((channels,) if channels > 1 else ()), value, np.uint8)
+  Image.fromarray(array, mode).save(path)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> str:
+  """An image folder of three classes: a PNG, a grayscale JPEG, an RGBA PNG, ordinary JPEGs of
+  mixed sizes and a text file in train; a JPEG, an RGBA and a grayscale PNG in val."""
+  root = tmp_path / "data"
+  write_image(str(root / "train/b_dog/png.png"), "RGB", (40, 50), 10)
+  write_image(str(root / "train/b_dog/gray.jpg"), "L", (64, 32), 100)
+  write_image(str(root / "train/c_fox/rgba.png"), "RGBA", (33, 33), 200)
+  for i in range(5):
+    write_image(str(root / f"train/a_cat/{i}.jpeg"), "RGB", (48 + i, 36), 50)
+  (root / "train/a_cat/readme.txt").write_text("not an image")
+  write_image(str(root / "val/a_cat/v.jpg"), "RGB", (40, 40), 50)
+  write_image(str(root / "val/c_fox/v.png"), "RGBA", (40, 60), 200)
+  write_image(str(root / "val/c_fox/w.png"), "L", (40, 60), 200)
+  return str(root)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, worker_id) -> str:
   """The embedded dataset, small (read-only: copy it to change it)."""
@@ -273,6 +301,54 @@ def random_torchvision(rng):
     k: normal(rng, s, np.sqrt(2 / np.prod(s[1:])) if k.endswith("weight") else 0.1)
     for k, s in TORCHVISION_SHAPES.items()
   }
+
+
+@pytest.fixture(scope="session")
+def torchvision_sd():
+  """random_torchvision's state dict, drawn once (read-only)."""
+  return random_torchvision(np.random.default_rng(0))
+
+
+def caffe_shapes(side, num_classes):
+  """bvlc_alexnet in caffe-tensorflow's .npy: HWIO, grouped conv2/4/5, (in, out), fc6 rows HWC."""
+  return {
+    "conv1": (11, 11, 3, 96),
+    "conv2": (5, 5, 48, 256),
+    "conv3": (3, 3, 256, 384),
+    "conv4": (3, 3, 192, 384),
+    "conv5": (3, 3, 192, 256),
+    "fc6": (256 * side * side, 4096),
+    "fc7": (4096, 4096),
+    "fc8": (4096, num_classes),
+  }
+
+
+def random_caffe(rng, side, num_classes):
+  """Caffe's {layer: [weights, biases]} for a pool5 of side x side, He-scaled."""
+  return {
+    name: [normal(rng, s, np.sqrt(2 / np.prod(s[:-1]))), normal(rng, s[-1:], 0.1)]
+    for name, s in caffe_shapes(side, num_classes).items()
+  }
+
+
+def assert_trees_equal(a, b):
+  """The same tree of the same arrays, bit for bit."""
+  import jax
+
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.shape(x) == np.shape(y) and np.array_equal(x, y)
+
+
+class Exploit:
+  """Pickles into a call of os.system that touches `marker`: what a weights reader must
+  refuse to run."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f"touch {self.marker}",)
 
 
 def paper_params(side, num_classes, seed=0, towers=None):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,11 @@ from absl import logging
 
 from alexnet_jax.analysis import featurefile
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import augment, datasets, input_pipeline
+from alexnet_jax.data import augment, datasets, image_files
+from alexnet_jax.data.batches import eval_batches, numpy_iterator
+from alexnet_jax.data.decoding import decode
+from alexnet_jax.data.sources import Source, Split
+from alexnet_jax.data.stats import Stats, load_stats
 from alexnet_jax.model import sharding
 from alexnet_jax.model.alexnet import AlexNet
 from alexnet_jax.training.restore import Restored
@@ -43,17 +47,17 @@ class Report:
 
 
 def find_images(folder: str) -> list[str]:
-  """Every .jpg/.jpeg/.png under folder, nested folders included, sorted."""
+  """Every image (`image_files`) under folder, nested folders included, sorted."""
   if not os.path.isdir(folder):
     raise UserInputError(f"image folder {folder} does not exist")
   paths = sorted(
     os.path.join(root, f)
     for root, _, files in os.walk(folder)
     for f in files
-    if f.lower().endswith(input_pipeline.IMAGE_EXTENSIONS) and not f.startswith(".")
+    if image_files.is_image(f)
   )
   if not paths:
-    raise UserInputError(f"no .jpg/.jpeg/.png images in {folder} (nested folders included)")
+    raise UserInputError(f"no {image_files.NAMED} images in {folder} (nested folders included)")
   return paths
 
 
@@ -62,35 +66,24 @@ def readable(paths: Sequence[str], num_parallel_calls: int = -1) -> np.ndarray:
   run."""
 
   def decodes(index, path):  # the shape is returned so that the decode is not pruned away
-    return index, tf.shape(
-      tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    )
+    return index, tf.shape(decode(tf.io.read_file(path)))
 
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), np.asarray(paths, str)))
   ok = np.zeros(len(paths), bool)
   checked = ds.map(decodes, num_parallel_calls=num_parallel_calls).ignore_errors().batch(1024)
-  for index, _ in input_pipeline.numpy_iterator(checked):
+  for index, _ in numpy_iterator(checked):
     ok[index] = True
   return ok
 
 
-def run_data(
-  config: ml_collections.ConfigDict, workdir: str
-) -> tuple[Any, Any, input_pipeline.Stats] | None:
-  """The run's (train, val, stats) as training read them, or None where its data is not on this
-  machine."""
+def run_data(config: ml_collections.ConfigDict, workdir: str) -> datasets.Data | None:
+  """The run's splits and statistics as training read them, or None where its data is not on
+  this machine."""
   try:
     return datasets.load_splits(config, os.path.abspath(workdir))
   except UserInputError as e:
     logging.warning("the run's data is not here (%s)", e)
     return None
-
-
-def _row_names(images: input_pipeline.Split | input_pipeline.Shards) -> Sequence[str]:
-  """Image paths; prepared shards and TFDS records have none: SHARD_DIR#INDEX, NAME/SPLIT[INDEX]."""
-  if isinstance(images, input_pipeline.Split):
-    return images.paths
-  return [images.describe(i) for i in range(len(images))]
 
 
 _INPUTS = ("image", "offset", "flip")  # what augment.normalize reads from an eval batch
@@ -108,15 +101,16 @@ def _predictor(model: AlexNet, k: int):
 
 def extract(
   restored: Restored,
-  images: input_pipeline.Split | input_pipeline.Shards,
-  stats: input_pipeline.Stats,
+  images: Source,
+  stats: Stats,
   output: str,
   batch_size: int = 128,
 ) -> int:
   """Writes the features file `output` (see featurefile) for every image of `images`; returns the
   count.
 
-  Images go through evaluation's own pipeline (`input_pipeline.eval_batches`, centre crop).
+  Images go through evaluation's own pipeline (`batches.eval_batches`, centre crop); each row
+  is named as the source names its image (a path; SHARD_DIR#INDEX, NAME/SPLIT[INDEX]).
   batch_size is global and must divide over the mesh's data axis; the last batch is padded.
   """
   data_size = restored.mesh.shape["data"]
@@ -127,10 +121,11 @@ def extract(
     )
   config, arch = restored.config, restored.model.arch
   k = min(TOP_K, config.num_classes)
-  names, n = _row_names(images), len(images)
+  n = len(images)
+  names = [images.describe(i) for i in range(n)]
   predict, put = _predictor(restored.model, k), sharding.batch_sharding(restored.mesh)
   mean_image = jax.device_put(stats.mean_image, sharding.replicated(restored.mesh))
-  batches = input_pipeline.eval_batches(
+  batches = eval_batches(
     images,
     batch_size=batch_size,
     image_size=config.image_size,
@@ -188,13 +183,9 @@ def extract_folder(
       f"none of the {len(paths)} images in {folder} could be read as JPEG or PNG"
     )
   data = run_data(restored.config, workdir)
-  stats = input_pipeline.load_stats(
-    workdir, restored.config.resize_size, restored.config.channel_mean
-  )
+  stats = load_stats(workdir, restored.config.resize_size, restored.config.channel_mean)
   kept = [p for p, good in zip(paths, ok) if good]
-  images = input_pipeline.Split(
-    tuple(kept), np.full(len(kept), -1, np.int32), data[0].classes if data else ()
-  )
+  images = Split(tuple(kept), np.full(len(kept), -1, np.int32), data.train.classes if data else ())
   return Report(extract(restored, images, stats, output, batch_size), skipped)
 
 
@@ -203,5 +194,5 @@ def extract_split(
 ) -> Report:
   """Features of the run's own train or val split, with their labels."""
   data = datasets.load_splits(restored.config, os.path.abspath(workdir))
-  images = data[("train", "val").index(split)]
-  return Report(extract(restored, images, data[2], output, batch_size))
+  images = data.train if split == "train" else data.val
+  return Report(extract(restored, images, data.stats, output, batch_size))

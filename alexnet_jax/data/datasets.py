@@ -1,34 +1,56 @@
 """The data a config names: its train and val splits and the statistics of its images.
 
-Imports TensorFlow (through the input pipeline): the model path never imports this module.
+Imports TensorFlow (through the sources): the model path never imports this module.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import ml_collections
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import input_pipeline, synthetic, tfds_source
-from alexnet_jax.training import config_check
+from alexnet_jax.data import sources, synthetic, tfds_source
+from alexnet_jax.data.dataset_names import tfds_name
+from alexnet_jax.data.sources import Source
+from alexnet_jax.data.stats import Stats, load_stats
 
 
-def load_splits(
-  config: ml_collections.ConfigDict, workdir: str
-) -> tuple[Any, Any, input_pipeline.Stats]:
-  """The train and val splits the config names, and the statistics training subtracts and
-  jitters with.
+class Data(NamedTuple):
+  """A config's data: what training reads and what it subtracts and jitters colour with."""
+
+  train: Source
+  val: Source
+  stats: Stats
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Data:
+  """The train and val splits the config names, and the statistics of its training images.
 
   "prepared" reads shards written by `alexnet_jax.prepare` (from the ImageNet archives or
   any image-folder tree); "tfds:NAME" a dataset TFDS built (`tfds_data`); the synthetic set
-  is generated on first use.
+  is generated on first use, by the first process, under data_dir or workdir/data.
+
+  Args:
+    config: the run's config: dataset, data_dir, the split names, num_classes, resize_size,
+      the statistics settings (stats_images, channel_mean, mean_subtraction) and, for the
+      synthetic set, its sizes and seed.
+    workdir: the run's folder; the synthetic set goes under it when data_dir is empty, and a
+      TFDS dataset's statistics when its own folder is read-only.
+
+  Returns:
+    The splits and the statistics: data_dir's stats.npz for prepared data, those of a
+    sample of the training split for TFDS, else config.channel_mean as the mean image and
+    ImageNet's colour PCA.
+
+  Raises:
+    UserInputError: the data is missing, or does not match num_classes or resize_size.
   """
   data_dir = config.data_dir
   stats_dir = data_dir if config.dataset == "prepared" else ""
-  name = config_check.tfds_name(config.dataset)
+  name = tfds_name(config.dataset)
   if config.dataset == "synthetic":
     data_dir = data_dir or os.path.join(workdir, "data")
     sizes = dict(
@@ -41,19 +63,18 @@ def load_splits(
     _sync("synthetic data")
     synthetic.generate(data_dir, **sizes)  # a no-op where the first process already wrote it
   if name:
-    train, val, data_path = tfds_source.open_splits(
-      name, data_dir, config.train_split, config.eval_split
-    )
+    tfds = tfds_source.open_splits(name, data_dir, config.train_split, config.eval_split)
+    train, val = tfds.train, tfds.val
     data_dir = f"TFDS dataset {name}"  # for the message below
   elif config.dataset == "prepared":
-    train, val = input_pipeline.read_prepared(data_dir)
+    train, val = sources.read_prepared(data_dir)
     if train.side != config.resize_size:
       raise UserInputError(
         f"{data_dir} was prepared at {train.side}x{train.side} but "
         f"resize_size={config.resize_size}; set --config.resize_size={train.side}"
       )
   else:
-    train, val = input_pipeline.read_image_folder(data_dir)
+    train, val = sources.read_image_folder(data_dir)
   if len(train.classes) != config.num_classes:
     raise UserInputError(
       f"num_classes={config.num_classes} but {data_dir} has {len(train.classes)} classes; "
@@ -61,15 +82,15 @@ def load_splits(
     )
   if name:  # sampled once, after the cheap checks above
     stats_dir = tfds_source.stats_dir(
-      train, data_path, workdir, config.resize_size, config.stats_images
+      tfds.train, tfds.folder, workdir, config.resize_size, config.stats_images
     )
-  stats = input_pipeline.load_stats(
+  stats = load_stats(
     stats_dir,
     config.resize_size,
     config.channel_mean,
     per_pixel=config.mean_subtraction == "image",
   )
-  return train, val, stats
+  return Data(train, val, stats)
 
 
 def _sync(name: str) -> None:

@@ -27,16 +27,16 @@ existing JPEG shards are converted without the archives.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import importlib.util
 import io
-import json
 import multiprocessing
 import os
 import shutil
 import tarfile
 import time
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from absl import logging
@@ -44,13 +44,17 @@ from PIL import Image
 
 from alexnet_jax.core import files as files_lib
 from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.data import image_files, shard_format
+from alexnet_jax.data.shard_format import SIDE
+from alexnet_jax.data.stats import Stats, image_stats, read_stats, write_stats
 
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
-SIDE = 256
 RAW_IMAGE_BYTES = SIDE * SIDE * 3
 AVERAGE_JPEG_BYTES = 110_000  # ImageNet's training JPEGs: 147 GB / 1.28M, to size raw shards
 VAL_SHARD = 1000
-_EXT = ".array_record"
+
+if TYPE_CHECKING:  # imported where used: the encoding processes import this module, not TensorFlow
+  from alexnet_jax.data.sources import Shards
 
 
 def tfds_label_file(name: str) -> str:
@@ -98,34 +102,15 @@ def _encode(item: tuple[str, bytes, int], quality: int) -> tuple[str, bytes | No
     return name, None, label, f"{type(e).__name__}: {e}"
 
 
-def _example(jpeg: bytes, label: int, name: str) -> bytes:
-  import tensorflow as tf
-
-  feature = {
-    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[jpeg])),
-    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-    "file_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode()])),
-  }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+class Written(NamedTuple):
+  count: int  # images written
+  skipped: list[str]  # "NAME: why", one per image that could not be read
 
 
-def num_records(path: str) -> int:
-  from array_record.python import array_record_module
-
-  reader = array_record_module.ArrayRecordReader(path)
-  n = reader.num_records()
-  reader.close()
-  return n
-
-
-def write_shard(
-  path: str, items: Iterable[tuple[str, bytes, int]], pool, quality: int
-) -> tuple[int, list[str]]:
-  """Encodes items in the pool and writes them to `path` atomically; returns (written, skipped)."""
-  from array_record.python import array_record_module
-
+def write_shard(path: str, items: Iterable[tuple[str, bytes, int]], pool, quality: int) -> Written:
+  """Encodes items in the pool and writes them to `path` atomically."""
   tmp = path + ".tmp"
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  writer = shard_format.record_writer(tmp)
   written, skipped = 0, []
   for name, jpeg, label, error in pool.map(
     functools.partial(_encode, quality=quality), items, chunksize=8
@@ -134,11 +119,11 @@ def write_shard(
       skipped.append(f"{name}: {error}")
       logging.warning("skipped unreadable image %s (%s)", name, error)
       continue
-    writer.write(_example(jpeg, label, name))
+    writer.write(shard_format.encode_example(jpeg, label, name))
     written += 1
   writer.close()
   os.replace(tmp, path)
-  return written, skipped
+  return Written(written, skipped)
 
 
 def _tar_images(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
@@ -203,11 +188,9 @@ def _archive_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
 
 def _folder_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
   """The same jobs for an image-folder tree (the class folders' sorted names are the labels)."""
-  from alexnet_jax.data import (
-    input_pipeline,  # only for listing files: TensorFlow is already needed here
-  )
+  from alexnet_jax.data import sources  # listing files only: TensorFlow is needed here anyway
 
-  train_split, val_split = input_pipeline.read_image_folder(manual_dir)
+  train_split, val_split = sources.read_image_folder(manual_dir)
   classes = list(train_split.classes)
 
   def items(paths, labels):
@@ -235,9 +218,7 @@ def _input_images(manual_dir: str, archives: bool) -> int:
   """How many images the input holds: counted in a folder tree, estimated for archives."""
   if archives:
     return _input_bytes(manual_dir, archives) // AVERAGE_JPEG_BYTES
-  return sum(
-    f.lower().endswith((".jpg", ".jpeg", ".png")) for _, _, fs in os.walk(manual_dir) for f in fs
-  )
+  return sum(image_files.is_image(f) for _, _, fs in os.walk(manual_dir) for f in fs)
 
 
 def _check_disk(data_dir: str, need: int, what: str) -> None:
@@ -256,29 +237,18 @@ def _input_bytes(manual_dir: str, archives: bool) -> int:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(manual_dir) for f in fs)
 
 
-def compute_stats(train_files: list[str], sample: int) -> dict:
-  """`input_pipeline.image_stats` of `sample` images spread evenly over the training shards."""
-  import tensorflow as tf
-  from array_record.python.array_record_data_source import ArrayRecordDataSource
+def compute_stats(train: Shards, sample: int) -> Stats:
+  """The statistics of `sample` images spread evenly over the training shards, sampled as
+  for a TFDS dataset (`batches.rescaled_sample`)."""
+  from alexnet_jax.data.batches import rescaled_sample
 
-  from alexnet_jax.data.input_pipeline import image_stats
-
-  source = ArrayRecordDataSource(train_files)
-  n = len(source)
-  if n == 0 or sample < 1:
+  if len(train) == 0 or sample < 1:
     raise UserInputError(
-      f"no images to compute the statistics from ({n} in {train_files[:3]}, sample={sample}): "
-      "every training image was unreadable (listed in skipped.txt); replace them and rerun"
+      f"no images to compute the statistics from ({len(train)} in {train.files[:3]}, "
+      f"sample={sample}): every training image was unreadable (listed in skipped.txt); "
+      "replace them and rerun"
     )
-
-  def images():
-    for i in np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64)):
-      record = tf.io.parse_single_example(
-        source[int(i)], {"image": tf.io.FixedLenFeature([], tf.string)}
-      )
-      yield tf.io.decode_jpeg(record["image"], channels=3).numpy()
-
-  return image_stats(images())
+  return image_stats(rescaled_sample(train, train.side, sample))
 
 
 def prepare(
@@ -288,10 +258,10 @@ def prepare(
   quality: int = 90,
   workers: int | None = None,
   fmt: str = "jpeg",
-) -> dict:
+) -> shard_format.Info:
   """Writes data_dir/{train,val}/*.array_record, dataset_info.json, stats.npz (and with
   fmt="raw" the raw arrays, `to_raw`); returns the info."""
-  check_format(fmt)
+  shard_format.check_format(fmt)
   if not os.path.isdir(manual_dir):
     raise UserInputError(
       f"manual_dir {manual_dir!r} does not exist: download {TRAIN_TAR} and {VAL_TAR} "
@@ -319,20 +289,16 @@ def prepare(
   except tarfile.TarError as e:
     raise UserInputError(f"cannot read the archives in {manual_dir}: {e}") from None
 
-  skipped: list[str] = []
   jobs = [("train", n, f) for n, f in train_jobs] + [("val", n, f) for n, f in val_jobs]
   start = time.time()
-  spawn = multiprocessing.get_context(
-    "spawn"
-  )  # fork is unsafe once JAX or TensorFlow threads exist
+  spawn = multiprocessing.get_context("spawn")  # fork is unsafe once JAX or TF threads exist
   with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), mp_context=spawn) as pool:
     for k, (split, name, items) in enumerate(jobs):
-      path = os.path.join(data_dir, split, name + _EXT)
+      path = shard_format.shard_path(data_dir, split, name)
       if os.path.exists(path):
         continue  # finished by an earlier run
       os.makedirs(os.path.dirname(path), exist_ok=True)
       written, bad = write_shard(path, items(), pool, quality)
-      skipped += bad
       with open(os.path.join(data_dir, "skipped.txt"), "a") as f:
         f.writelines(line + "\n" for line in bad)
       eta = (time.time() - start) / (k + 1) * (len(jobs) - k - 1)
@@ -347,78 +313,68 @@ def prepare(
         eta,
       )
 
-  files = {
-    s: sorted(
-      os.path.join(data_dir, s, f)
-      for f in os.listdir(os.path.join(data_dir, s))
-      if f.endswith(_EXT)
-    )
-    for s in ("train", "val")
-  }
-  info = {
-    "source": "imagenet2012" if archives else os.path.abspath(manual_dir),
-    "image_side": SIDE,
-    "classes": classes,
-    "num_classes": len(classes),
-    "splits": {
-      s: {"files": [os.path.basename(p) for p in fs], "num_images": sum(num_records(p) for p in fs)}
-      for s, fs in files.items()
-    },
-  }
-  from alexnet_jax.data.input_pipeline import SHARD_INFO, SHARD_STATS  # the names it reads
+  from alexnet_jax.data.sources import Shards
 
-  files_lib.write_text(os.path.join(data_dir, SHARD_INFO), json.dumps(info, indent=1))
-  stats_path = os.path.join(data_dir, SHARD_STATS)
-  if not os.path.exists(stats_path) and stats_images > 0:
-    np.savez(stats_path + ".tmp.npz", **compute_stats(files["train"], stats_images))
-    os.replace(stats_path + ".tmp.npz", stats_path)
+  shards = {s: shard_format.shards_in(data_dir, s) for s in shard_format.SPLITS}
+  info = shard_format.Info(
+    "imagenet2012" if archives else os.path.abspath(manual_dir),
+    SIDE,
+    tuple(classes),
+    {
+      s: shard_format.SplitShards(
+        tuple(os.path.basename(p) for p in paths), sum(shard_format.num_records(p) for p in paths)
+      )
+      for s, paths in shards.items()
+    },
+  )
+  shard_format.write_info(data_dir, info)
+  if read_stats(data_dir) is None and stats_images > 0:
+    train = Shards(tuple(shards["train"]), info.splits["train"].num_images, info.classes, SIDE)
+    write_stats(data_dir, compute_stats(train, stats_images))
   logging.info(
     "prepared %s: %d train, %d val images",
     data_dir,
-    info["splits"]["train"]["num_images"],
-    info["splits"]["val"]["num_images"],
+    info.splits["train"].num_images,
+    info.splits["val"].num_images,
   )
   return to_raw(data_dir) if fmt == "raw" else info
 
 
-def to_raw(data_dir: str) -> dict:
-  """Writes beside each JPEG shard of data_dir its images decoded (SHARD.npy, uint8
-  (n, 256, 256, 3)) and labels (SHARD.labels.npy), then marks the info file raw; returns it.
-  Each array is written under a temporary name and renamed when complete, the info file
-  last: an interrupted conversion reruns without redoing finished shards."""
+def to_raw(data_dir: str) -> shard_format.Info:
+  """Writes beside each JPEG shard of data_dir its images decoded and their labels (the raw
+  arrays of `shard_format`), then marks the info file raw; returns it. Each array is written
+  under a temporary name and renamed when complete, the info file last: an interrupted
+  conversion reruns without redoing finished shards."""
   import tensorflow as tf
 
-  from alexnet_jax.data.input_pipeline import (
-    SHARD_INFO,
-    Shards,
-    numpy_iterator,
-    raw_labels_path,
-    readers,
-  )
+  from alexnet_jax.data.batches import numpy_iterator
+  from alexnet_jax.data.sources import Shards
 
-  path = os.path.join(data_dir, SHARD_INFO)
-  if not os.path.exists(path):
+  info = shard_format.read_info(data_dir)
+  if info is None:
     raise UserInputError(
-      f"no JPEG shards to convert in {data_dir} ({SHARD_INFO} missing): pass --manual_dir too"
+      f"no JPEG shards to convert in {data_dir} ({shard_format.INFO_FILE} missing): "
+      "pass --manual_dir too"
     )
-  with open(path) as f:
-    info = json.load(f)
-  jobs = [
-    (split, os.path.join(data_dir, split, name))
-    for split in ("train", "val")
-    for name in info["splits"][split]["files"]
-  ]
+  jobs = [(split, p) for split in shard_format.SPLITS for p in info.paths(data_dir, split)]
   missing = [p for _, p in jobs if not os.path.exists(p)]
   if missing:
-    raise UserInputError(f"JPEG shards listed in {path} are missing: {missing[:3]}")
-  todo = [(s, p, num_records(p)) for s, p in jobs if not os.path.exists(_raw_path(p))]
+    raise UserInputError(
+      f"JPEG shards listed in {os.path.join(data_dir, shard_format.INFO_FILE)} are missing: "
+      f"{missing[:3]}"
+    )
+  todo = [
+    (s, p, shard_format.num_records(p))
+    for s, p in jobs
+    if not os.path.exists(shard_format.raw_path(p))
+  ]
   total = sum(n for _, _, n in todo)
   _check_disk(data_dir, total * RAW_IMAGE_BYTES, f"the raw arrays of {total} images")
+  side = info.side
   for split, jpeg_path, n in todo:
-    shard = Shards((jpeg_path,), n, tuple(info["classes"]), info["image_side"])
-    whole, _ = readers(shard)
+    whole = Shards((jpeg_path,), n, info.classes, side).reader().decoded
     decoded = tf.data.Dataset.range(n).map(whole, num_parallel_calls=-1, deterministic=True)
-    raw_path, side = _raw_path(jpeg_path), info["image_side"]
+    raw_path = shard_format.raw_path(jpeg_path)
     images = np.lib.format.open_memmap(raw_path + ".tmp", "w+", np.uint8, (n, side, side, 3))
     labels = np.empty(n, np.int32)
     done = 0
@@ -427,27 +383,18 @@ def to_raw(data_dir: str) -> dict:
       done += len(image)
     images.flush()
     del images
-    with files_lib.atomic_path(raw_labels_path(raw_path)) as tmp:
+    with files_lib.atomic_path(shard_format.raw_labels_path(raw_path)) as tmp:
       np.save(tmp, labels)
     os.replace(raw_path + ".tmp", raw_path)
     logging.info("raw %s shard %s: %d images", split, os.path.basename(raw_path), n)
-  for split in ("train", "val"):
-    names = info["splits"][split]["files"]
-    info["splits"][split]["raw"] = {
-      "files": [os.path.basename(_raw_path(n)) for n in names],
-      "counts": [num_records(os.path.join(data_dir, split, n)) for n in names],
-    }
-  info["format"] = "raw"
-  files_lib.write_text(path, json.dumps(info, indent=1))
+  splits = {
+    split: dataclasses.replace(
+      shards,
+      raw_files=tuple(shard_format.raw_path(name) for name in shards.files),
+      raw_counts=tuple(shard_format.num_records(p) for p in info.paths(data_dir, split)),
+    )
+    for split, shards in info.splits.items()
+  }
+  info = dataclasses.replace(info, splits=splits, format="raw")
+  shard_format.write_info(data_dir, info)
   return info
-
-
-def check_format(fmt: str) -> None:
-  from alexnet_jax.data.input_pipeline import FORMATS
-
-  if fmt not in FORMATS:
-    raise UserInputError(f"--format={fmt}: choose one of {', '.join(FORMATS)}")
-
-
-def _raw_path(jpeg_shard: str) -> str:
-  return jpeg_shard[: -len(_EXT)] + ".npy"

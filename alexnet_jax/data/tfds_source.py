@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple
 
-import numpy as np
-
-from alexnet_jax.core import files
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import input_pipeline
-from alexnet_jax.data.input_pipeline import Records
+from alexnet_jax.data.batches import rescaled_sample
+from alexnet_jax.data.sources import Records
+from alexnet_jax.data.stats import image_stats, read_stats, write_stats
 
 
 def _build_command(name: str, builder, data_dir: str) -> str:
@@ -87,11 +86,15 @@ def _feature_keys(name: str, builder) -> tuple[str, str]:
   return keys[0], keys[1]
 
 
-def open_splits(
-  name: str, data_dir: str | None, train_split: str, eval_split: str
-) -> tuple[Records, Records, str]:
-  """(train, eval, the dataset's folder) of a prepared TFDS dataset. eval_split "" is
-  'validation' where the dataset has one, else 'test'."""
+class TfdsSplits(NamedTuple):
+  train: Records
+  val: Records
+  folder: str  # the dataset's own folder (its version's)
+
+
+def open_splits(name: str, data_dir: str | None, train_split: str, eval_split: str) -> TfdsSplits:
+  """The train and eval splits of a prepared TFDS dataset. eval_split "" is 'validation'
+  where the dataset has one, else 'test'."""
   import tensorflow_datasets as tfds
 
   builder = open_builder(name, data_dir)
@@ -116,24 +119,23 @@ def open_splits(
     return Records(source, image_key, label_key, classes, f"{builder.info.full_name}/{split}")
 
   train = records(train_split, "train_split")
-  return train, records(eval_split, "eval_split"), os.fspath(builder.data_dir)
+  return TfdsSplits(train, records(eval_split, "eval_split"), os.fspath(builder.data_dir))
 
 
 def stats_dir(train: Records, data_path: str, workdir: str, resize_size: int, sample: int) -> str:
-  """A folder whose stats.npz (`input_pipeline.load_stats`) holds the statistics of `sample`
-  training images rescaled to resize_size, as `prepare` computes them: beside the data where
-  writable (one computation for every run), else in the workdir. Computed on first use."""
+  """A folder whose statistics (`stats.read_stats`) are those of `sample` training images
+  rescaled to resize_size, as `prepare` computes them: beside the data where writable (one
+  computation for every run), else in the workdir. Computed on first use."""
   key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{train.name.split('/')[-1]}_{resize_size}_{sample}")
   folders = [os.path.join(data_path, f"alexnet_jax_stats_{key}"), os.path.join(workdir, key)]
   for folder in folders:
-    if os.path.exists(os.path.join(folder, input_pipeline.SHARD_STATS)):
+    if read_stats(folder) is not None:
       return folder
-  stats = input_pipeline.image_stats(input_pipeline.rescaled_sample(train, resize_size, sample))
+  stats = image_stats(rescaled_sample(train, resize_size, sample))
 
   def write(folder: str) -> str:
     os.makedirs(folder, exist_ok=True)
-    with files.atomic_path(os.path.join(folder, input_pipeline.SHARD_STATS)) as tmp:
-      np.savez(tmp, **stats)
+    write_stats(folder, stats)
     return folder
 
   try:

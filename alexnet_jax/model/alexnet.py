@@ -103,6 +103,18 @@ def make_arch(variant: str, towers: int | None = None, lrn: bool | None = None) 
   raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
 
 
+def check_model_axis(size: int, towers: int | None = None) -> None:
+  """The one rule for the mesh's `model` axis, whoever sets it (the mesh, the config, the net):
+  1 (towers together) or 2 (one tower per device, the paper's two GPUs), splitting `towers`."""
+  if size not in (1, 2):
+    raise ValueError(
+      f"the model axis has size {size}; it must be 1 (towers together) or 2 "
+      "(one tower per device, as in the paper)"
+    )
+  if towers is not None and towers % size:
+    raise ValueError(f"a net of {towers} tower(s) cannot be split over a model axis of size {size}")
+
+
 def pool_geometry(overlapping: bool) -> tuple[int, int]:
   """(window, stride) of the max pooling: the paper's overlapping 3x3 stride 2 (§3.4), or 2x2."""
   return (3, 2) if overlapping else (2, 2)
@@ -282,9 +294,8 @@ class AlexNet(nn.Module):
   lrn_n: int = 5
   lrn_alpha: float = 1e-4  # NOT divided by n, as in the paper
   lrn_beta: float = 0.75
-  lrn_scope: str = (
-    "tower"  # "tower": within each tower (the paper) | "all": across all maps (Caffe)
-  )
+  # "tower": within each tower (the paper) | "all": across all maps (Caffe)
+  lrn_scope: str = "tower"
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
   ops_impl: str = "fast"  # "fast" or "plain": see OPS_IMPLS
 
@@ -310,16 +321,7 @@ class AlexNet(nn.Module):
         f"mesh axes are {self.mesh.axis_names}; AlexNet needs ('data', 'model') "
         "(build one with alexnet_jax.model.sharding.make_mesh)"
       )
-    m, towers = self.mesh.shape["model"], make_arch(self.variant, self.towers, self.lrn).towers
-    if m not in (1, 2):
-      raise ValueError(
-        f"mesh model axis has size {m}; it must be 1 (towers together) or 2 (one tower per device)"
-      )
-    if towers % m:
-      raise ValueError(
-        f"the {self.variant!r} net with {towers} tower(s) cannot be split over a model "
-        f"axis of size {m}; use model=1"
-      )
+    check_model_axis(self.mesh.shape["model"], self.arch.towers)
 
   @property
   def arch(self) -> Arch:

@@ -146,13 +146,14 @@ def _max_pool_bwd(window, stride, res, g):
     )
     phases[ri, rj] = phases[ri, rj] + part if (ri, rj) in phases else part
   empty = jnp.zeros((n, hc, wc, c), g.dtype)
+  # (n, hc, stride, wc, stride, c)
   grid = jnp.stack(
     [
       jnp.stack([phases.get((ri, rj), empty) for rj in range(stride)], axis=3)
       for ri in range(stride)
     ],
     axis=2,
-  )  # (n, hc, stride, wc, stride, c)
+  )
   return (grid.reshape(n, hc * stride, wc * stride, c)[:, :h, :w],)
 
 

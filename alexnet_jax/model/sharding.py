@@ -15,7 +15,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax.model.alexnet import TOWER_LAYERS
+from alexnet_jax.model.alexnet import TOWER_LAYERS, check_model_axis
 
 # (regex on the "/"-joined parameter path, spec): the first match wins. Tower layers are
 # split over `model` on their leading tower axis; everything else is replicated.
@@ -28,11 +28,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 def make_mesh(model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'model') mesh over `devices` (default: every device of every host)."""
   devices = list(jax.devices() if devices is None else devices)
-  if model not in (1, 2):
-    raise ValueError(
-      f"model={model}: the model axis must be 1 (towers together) or 2 "
-      "(one tower per device, as in the paper)"
-    )
+  check_model_axis(model)
   if len(devices) % model:
     raise ValueError(
       f"{len(devices)} devices cannot be split into pairs for model={model}; use model=1"

@@ -14,38 +14,20 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from alexnet_jax.model import backend, sharding
+from alexnet_jax.model import settings, sharding
 from alexnet_jax.model.alexnet import AlexNet
 from alexnet_jax.training import optim, steps
 from alexnet_jax.training.steps import TrainState
 
 
 def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> AlexNet:
-  """The net `config.model` describes; raises ValueError on a bad setting."""
-  m = config.model
+  """The net `config.model` describes; raises ValueError on a bad or unknown setting."""
   return AlexNet(
     num_classes=config.num_classes,
-    variant=m.variant,
     mesh=mesh,
-    towers=m.towers if m.variant == "paper" else None,
-    activation=m.activation,
-    lrn=m.lrn,
-    overlapping_pool=m.overlapping_pool,
-    dropout_rate=m.dropout_rate,
-    init_std=m.init_std,
-    bias_one=m.bias_one,
-    lrn_scope=m.lrn_scope,
-    lrn_k=m.lrn_k,
-    lrn_n=m.lrn_n,
-    lrn_alpha=m.lrn_alpha,
-    lrn_beta=m.lrn_beta,
-    dtype=jnp.dtype(config.dtype),
-    ops_impl=_ops_impl(config.get("ops_impl", "fast")),  # workdirs from before ops_impl
+    # workdirs from before ops_impl have none
+    **settings.alexnet_fields(config.model, config.dtype, config.get("ops_impl", "fast")),
   )
-
-
-def _ops_impl(setting: str) -> str:
-  return backend.default_ops_impl() if setting == "auto" else setting
 
 
 def create_optimizer(

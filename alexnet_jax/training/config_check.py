@@ -9,21 +9,12 @@ import jax
 import ml_collections
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.model.alexnet import LAYERS, feature_sides, pool_geometry
+from alexnet_jax.data.dataset_names import DATASETS, tfds_name
+from alexnet_jax.model.alexnet import LAYERS, check_model_axis, feature_sides, pool_geometry
 from alexnet_jax.training import builders, optim
-from alexnet_jax.weights.layouts import SUFFIXES
+from alexnet_jax.weights.readers import SUFFIXES
 
-DATASETS = ("synthetic", "image_folder", "prepared")
-TFDS_PREFIX = "tfds:"
 DTYPES = ("float32", "bfloat16")
-
-
-def tfds_name(dataset: str) -> str | None:
-  """The TFDS name (NAME[/CONFIG][:VERSION]) a `dataset` setting names, or None. The bare
-  imagenet2012 is TFDS's too: the name a flax user types (flax's examples/imagenet reads it)."""
-  if dataset.startswith(TFDS_PREFIX):
-    return dataset[len(TFDS_PREFIX) :]
-  return "imagenet2012" if dataset == "imagenet2012" else None
 
 
 def check_config(
@@ -69,20 +60,14 @@ def check_config(
       f"unknown lr_schedule {config.lr_schedule!r}; "
       f"set --config.lr_schedule to one of {optim.SCHEDULES}"
     )
-  try:  # the model's own checks: variant, towers, activation, dropout, LRN scope, ops
+  try:  # the model's own checks: unknown keys, variant, towers, activation, dropout, LRN, ops
     arch = builders.create_model(config).arch
   except ValueError as e:
     bad(f"the model settings: {e}")
-  if config.model_parallelism not in (1, 2):
-    bad(
-      f"model_parallelism={config.model_parallelism}; it must be 1 (towers together) "
-      "or 2 (one tower per device)"
-    )
-  if arch.towers % config.model_parallelism:
-    bad(
-      f"model_parallelism=2 splits two towers, but the {config.model.variant!r} net has "
-      f"{arch.towers}; set --config.model_parallelism=1"
-    )
+  try:
+    check_model_axis(config.model_parallelism, arch.towers)
+  except ValueError as e:
+    bad(f"model_parallelism={config.model_parallelism}: {e}; set --config.model_parallelism=1")
   if num_devices % config.model_parallelism:
     bad(
       f"model_parallelism={config.model_parallelism} needs an even number of devices, "

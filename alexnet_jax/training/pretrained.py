@@ -18,22 +18,9 @@ import numpy as np
 from absl import logging
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.training import checkpoints
+from alexnet_jax.model import settings
+from alexnet_jax.training import checkpoints, recipes
 from alexnet_jax.weights import layouts
-
-# config.model settings that change what the weights compute (others only initialise).
-_FORWARD_KEYS = (
-  "variant",
-  "towers",
-  "activation",
-  "lrn",
-  "lrn_scope",
-  "lrn_k",
-  "lrn_n",
-  "lrn_alpha",
-  "lrn_beta",
-  "overlapping_pool",
-)
 
 
 def load(source: str) -> tuple[layouts.Params, dict, str]:
@@ -44,7 +31,7 @@ def load(source: str) -> tuple[layouts.Params, dict, str]:
     model = {} if saved is None else saved.model.to_dict()
     return params, model, f"checkpoint {os.path.join(ckpt_dir, str(step))}"
   params, fmt = layouts.read_pretrained(source)
-  return params, layouts.TRAINED_WITH[fmt], f"{fmt} weights {source}"
+  return params, recipes.trained_with(fmt), f"{fmt} weights {source}"
 
 
 def place(params: layouts.Params, target: Any, source: str) -> Any:
@@ -85,8 +72,8 @@ def init_params(config: ml_collections.ConfigDict, target: Any) -> Any:
     )
   differ = {
     k: (trained_with[k], model[k])
-    for k in _FORWARD_KEYS
-    if k in trained_with and trained_with[k] != model[k]
+    for k in settings.names()
+    if k not in settings.TRAINING_ONLY and k in trained_with and trained_with[k] != model[k]
   }
   if differ:
     logging.warning(

@@ -4,12 +4,12 @@
     python -m alexnet_jax.convert --input=bvlc_alexnet.npy --output=DIR
     python -m alexnet_jax.convert --input=WORKDIR --output=alexnet.pth  # and back
 
-The layouts themselves are in `layouts.py`.
+The layouts are weights/layouts.py's, the files weights/readers.py's, and the config each
+format's weights run with training/recipes.py's.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -19,34 +19,28 @@ import numpy as np
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.model import sharding
 from alexnet_jax.model.alexnet import feature_sides, make_arch, pool_geometry
-from alexnet_jax.training import builders, checkpoints, pretrained
+from alexnet_jax.training import builders, checkpoints, pretrained, recipes
 from alexnet_jax.weights.layouts import (
   TORCHVISION_STD,
   read_pretrained,
   to_torch_grouped,
   to_torchvision,
-  write_state_dict,
 )
-
-# The config each format's weights run with (configs/NAME.py).
-CONFIGS = {
-  "torchvision": "torchvision_alexnet",
-  "torch_grouped": "default",
-  "caffe": "caffe_alexnet",
-}
+from alexnet_jax.weights.readers import write_state_dict
 
 
 def import_weights(source: str, workdir: str, fmt: str | None = None) -> None:
   """Writes `source`'s weights as a step-0 checkpoint in workdir, as training writes them
   (a TrainState with fresh optimizer state) with the config they run with beside it
-  (configs/torchvision_alexnet.py, caffe_alexnet.py, or default.py for the grouped paper
-  net): `--mode=eval`, extraction and training take workdir as any run's."""
+  (`recipes.published`: configs/torchvision_alexnet.py's, caffe_alexnet.py's, or default.py's
+  for the grouped paper net): `--mode=eval`, extraction and training take workdir as any run's."""
+  workdir = os.path.abspath(workdir)  # orbax writes to absolute paths only
   params, found = read_pretrained(source)
   if fmt not in (None, found):
     raise UserInputError(f"{source} holds {found} weights, not --format={fmt}")
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UserInputError(f"{workdir} already holds checkpoints; pass a fresh --output")
-  config = importlib.import_module(f"configs.{CONFIGS[found]}").get_config()
+  config = recipes.published(found)
   config.num_classes = int(params["fc8"]["bias"].shape[0])
   if config.model.variant == "paper":  # its fc6 follows the image size: take the size they fit
     towers, fan_in = params["fc6"]["kernel"].shape[:2]

@@ -19,7 +19,9 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import datasets, input_pipeline
+from alexnet_jax.data import datasets
+from alexnet_jax.data.batches import eval_batches, train_batches
+from alexnet_jax.data.stats import Stats, write_stats
 from alexnet_jax.model import backend, sharding
 from alexnet_jax.model.alexnet import AlexNet
 from alexnet_jax.training import (
@@ -119,7 +121,7 @@ class _Job:
   workdir: str
   train_split: Any
   val_split: Any
-  stats: input_pipeline.Stats
+  stats: Stats
   mesh: Mesh
   model: AlexNet
   tx: optax.GradientTransformation
@@ -160,9 +162,7 @@ class _Job:
   def evaluate(self, params: Any) -> dict:
     """Loss, top-1 and top-5 error over the whole validation split (config.eval_crops patches);
     unreadable images are left out and counted."""
-    batches = input_pipeline.eval_batches(
-      self.val_split, crops=self.config.eval_crops, **self.data_args
-    )
+    batches = eval_batches(self.val_split, crops=self.config.eval_crops, **self.data_args)
     return evaluate(self.steps.evaluate, params, batches, self.batch_sharding, self.mean_image)
 
   @property
@@ -273,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_pending = bool(state.log["eval_pending"])  # stopped before this step's evaluation
   if lead:
     checkpoints.save_config(job.workdir, config)
-    input_pipeline.save_stats(job.workdir, job.stats)
+    write_stats(job.workdir, job.stats)
     class_names.write(job.workdir, job.train_split.classes)
     # Lines a killed run wrote past its last checkpoint, and an evaluation that will be redone.
     metrics.keep_records(
@@ -284,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = job.steps.train
   writer = metrics.MetricWriter(job.workdir, job.steps_per_epoch, enabled=lead)
   progress = metrics.Progress(total_steps, start, enabled=lead)
-  stream = input_pipeline.train_batches(
+  stream = train_batches(
     job.train_split,
     stats=job.stats,
     seed=config.seed,

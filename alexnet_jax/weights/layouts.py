@@ -1,7 +1,7 @@
 """Weight layouts: published AlexNet weights as our parameters, and ours as PyTorch's (numpy only).
 
-Our layout (models.py): tower layers lead with a tower axis; conv kernels are HWIO, fully
-connected kernels (in, out); fc6 reads pool5 flattened tower by tower in HWC order. The
+Our layout (model/alexnet.py): tower layers lead with a tower axis; conv kernels are HWIO,
+fully connected kernels (in, out); fc6 reads pool5 flattened tower by tower in HWC order. The
 layouts converted here:
 
 - "torchvision": torchvision's AlexNet state dict (features.0.weight ... classifier.6.bias):
@@ -13,7 +13,7 @@ layouts converted here:
 - "caffe": Caffe's bvlc_alexnet in caffe-tensorflow's .npy form, a pickled dict
   {layer: [weights, biases]}: HWIO kernels (conv2/4/5 grouped), (in, out) weights with
   fc6's rows in HWC order over all 256 maps, BGR input. Into `variant="paper"` with
-  Caffe's LRN (`configs/caffe_alexnet.py`). Read without running any pickled code.
+  Caffe's LRN (training/recipes.py). Read without running any pickled code (readers.py).
 
 The functions below change the layout only, exactly: the net then wants the input of its
 home framework (torchvision: (pixels / 255 - mean) / std; Caffe: BGR pixels - mean) unless
@@ -23,40 +23,20 @@ as `read_pretrained`, `python -m alexnet_jax.convert` and `--config.init_from` d
 
 from __future__ import annotations
 
-import codecs
 import math
 import os
-import pickle
-import zipfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from alexnet_jax.core import files
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.model.alexnet import LAYERS, make_arch, param_shapes
+from alexnet_jax.weights import readers
 
 Params = dict[str, dict[str, np.ndarray]]
 FORMATS = ("torchvision", "torch_grouped", "caffe")
-STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
-SUFFIXES = STATE_DICT_SUFFIXES + (".npy",)
 # torchvision divides (pixels / 255 - mean) by std = (0.229, 0.224, 0.225); in 0-255 units:
 TORCHVISION_STD = (58.395, 57.12, 57.375)
-# The config.model settings each format's weights were trained with (configs/*_alexnet.py).
-TRAINED_WITH = {
-  "torchvision": dict(variant="torchvision", lrn=False),
-  "torch_grouped": dict(variant="paper"),
-  "caffe": dict(
-    variant="paper",
-    towers=2,
-    lrn=True,
-    lrn_scope="all",
-    lrn_k=1.0,
-    lrn_n=5,
-    lrn_alpha=2e-5,
-    lrn_beta=0.75,
-  ),
-}
 _TORCHVISION_KEYS = dict(
   zip(
     LAYERS,
@@ -189,15 +169,17 @@ def _import(tensors: Mapping, fmt: str, towers: int) -> Params:
 def _export(params: Mapping, fmt: str) -> dict[str, np.ndarray]:
   merged, towers = _merge(params)
   variant = "torchvision" if fmt == "torchvision" else "paper"
-  if (variant == "paper" and towers not in (1, 2)) or (variant == "torchvision" and towers != 1):
+  try:  # the variant's own tower counts
+    arch = make_arch(variant, towers)
+  except ValueError:
     raise UserInputError(
       f"the parameters have {towers} tower(s): not a {variant!r} AlexNet, so not {fmt} weights"
-    )
+    ) from None
   width = merged["conv5"][0].shape[-1] // towers
   fan_in = merged["fc6"][0].shape[0]
   side = math.isqrt(fan_in // (towers * width))
   ours = {f"{name}/{p}": params[name][p] for name in LAYERS for p in ("kernel", "bias")}
-  shapes = param_shapes(make_arch(variant, towers), np.shape(params["fc8"]["bias"])[0], side)
+  shapes = param_shapes(arch, np.shape(params["fc8"]["bias"])[0], side)
   _check(
     ours,
     {f"{n}/{p}": s for n, (k, b) in shapes.items() for p, s in (("kernel", k), ("bias", b))},
@@ -209,9 +191,8 @@ def _export(params: Mapping, fmt: str) -> dict[str, np.ndarray]:
   out = {}
   for name, (wkey, bkey) in _keys(fmt).items():
     w, b = merged[name]
-    out[wkey] = np.array(
-      w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T, order="C"
-    )  # writable copies
+    # writable copies
+    out[wkey] = np.array(w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T, order="C")
     out[bkey] = np.array(b)
   return out
 
@@ -289,134 +270,11 @@ def from_caffe(layers: Mapping[str, Any], rgb: bool = False) -> Params:
 
 def from_caffe_npy(path: str, rgb: bool = False) -> Params:
   """`from_caffe` of a bvlc_alexnet.npy file, read without running any pickled code."""
-  return from_caffe(read_caffe_npy(path), rgb=rgb)
-
-
-# Files.
-
-_NUMPY_GLOBALS = {
-  ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-  ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-  ("numpy", "ndarray"): np.ndarray,
-  ("numpy", "dtype"): np.dtype,
-  ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
-}
-
-
-class _Refused(pickle.UnpicklingError):
-  pass
-
-
-class _ArraysOnly(pickle.Unpickler):
-  """Rebuilds numpy arrays and plain containers; refuses every other global, so nothing in
-  the file can run."""
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) not in _NUMPY_GLOBALS:
-      raise _Refused(f"{module}.{name}")
-    return _NUMPY_GLOBALS[module, name]
-
-
-def read_caffe_npy(path: str) -> dict:
-  """The {layer: [weights, biases]} dict of a caffe-tensorflow .npy (written by Python 2 or 3)."""
-  readers = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-  }
-  with open(path, "rb") as f:
-    try:
-      version = np.lib.format.read_magic(f)
-      shape, _, dtype = readers[version](f)
-    except (ValueError, KeyError) as e:
-      raise UserInputError(f"{path} is not a .npy file numpy can read ({e})") from None
-    if dtype != np.dtype(object) or shape != ():
-      raise UserInputError(
-        f"{path} holds a {dtype} array of shape {shape}, not Caffe's pickled "
-        "{layer: [weights, biases]} dict"
-      )
-    try:
-      layers = _ArraysOnly(f, encoding="latin1").load().item()
-    except _Refused as e:
-      raise UserInputError(
-        f"refusing {path}: its pickle calls {e}, and a Caffe AlexNet .npy holds only numpy "
-        "arrays, lists and dicts; nothing was loaded"
-      ) from None
-    except Exception as e:  # truncated or corrupt
-      raise UserInputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-  if not isinstance(layers, dict):
-    raise UserInputError(
-      f"{path} holds a {type(layers).__name__}, not Caffe's {{layer: [weights, biases]}} dict"
-    )
-  return layers
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A .pth/.pt (torch, weights only), .safetensors or .npz state dict as numpy arrays."""
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix in (".pth", ".pt"):
-    torch = _need("torch", path)
-    try:
-      tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's refusal of pickled code, or a corrupt file
-      raise UserInputError(
-        f"{path} is not a state dict PyTorch loads with weights_only=True: {str(e).splitlines()[0]}"
-      ) from None
-    if not isinstance(tensors, Mapping) or not all(
-      isinstance(v, torch.Tensor) for v in tensors.values()
-    ):
-      raise UserInputError(f"{path} holds a {type(tensors).__name__}, not a state dict of tensors")
-    return {k: v.detach().float().numpy() for k, v in tensors.items()}
-  if suffix == ".safetensors":
-    load_file = _need("safetensors.numpy", path).load_file
-    try:
-      return dict(load_file(path))
-    except Exception as e:  # safetensors' own error types
-      raise UserInputError(f"cannot read {path} as safetensors: {str(e).splitlines()[0]}") from None
-  if suffix == ".npz":
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-    except ValueError as e:  # pickled objects, which allow_pickle=False refuses to run
-      raise UserInputError(f"refusing {path}: {e}") from None
-    except (OSError, zipfile.BadZipFile) as e:
-      raise UserInputError(f"cannot read {path} as .npz: {e}") from None
-  raise UserInputError(
-    f"unknown weights format {suffix or path!r} of {path}; use a state dict "
-    f"({', '.join(STATE_DICT_SUFFIXES)}) or Caffe's .npy"
-  )
-
-
-def write_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes under a temporary name first: an export killed mid-write leaves no bad file."""
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix in (".pth", ".pt"):
-    torch = _need("torch", path)
-    with files.atomic_path(path) as tmp:
-      torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp)
-  elif suffix == ".safetensors":
-    save_file = _need("safetensors.numpy", path).save_file
-    with files.atomic_path(path) as tmp:
-      save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
-  elif suffix == ".npz":
-    with files.atomic_path(path) as tmp:
-      np.savez(tmp, **tensors)
-  else:
-    raise UserInputError(
-      f"unknown weights format {suffix or path!r} of {path}; use {', '.join(STATE_DICT_SUFFIXES)}"
-    )
-
-
-def _need(module: str, path: str) -> Any:
-  try:
-    return __import__(module, fromlist=["_"])
-  except ImportError:
-    raise UserInputError(
-      f"{path} needs the {module.split('.')[0]} package: pip install "
-      f"{module.split('.')[0]}, or use a .npz state dict"
-    ) from None
+  return from_caffe(readers.read_caffe_npy(path), rgb=rgb)
 
 
 def state_dict_format(tensors: Mapping, path: str) -> str:
+  """Which PyTorch layout a state dict holds, by its keys."""
   if _keys("torchvision")["conv1"][0] in tensors:
     return "torchvision"
   if _keys("torch_grouped")["conv1"][0] in tensors:
@@ -432,7 +290,7 @@ def read_pretrained(path: str) -> tuple[Params, str]:
   0-255 minus the mean (conv1 absorbs torchvision's std and Caffe's BGR order)."""
   if os.path.splitext(path)[1].lower() == ".npy":
     return from_caffe_npy(path, rgb=True), "caffe"
-  tensors = read_state_dict(path)
+  tensors = readers.read_state_dict(path)
   fmt = state_dict_format(tensors, path)
   if fmt == "torchvision":
     return from_torchvision(tensors, input_std=TORCHVISION_STD), fmt

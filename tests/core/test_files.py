@@ -11,7 +11,7 @@ import pytest
 
 from alexnet_jax.analysis import featurefile
 from alexnet_jax.training import checkpoints
-from alexnet_jax.weights import layouts
+from alexnet_jax.weights import readers
 from configs import quickstart
 
 
@@ -53,5 +53,5 @@ def test_a_failed_weights_export_leaves_no_weights_file(tmp_path, monkeypatch, s
   monkeypatch.setattr(np, "savez", half_written)
   monkeypatch.setattr(safetensors.numpy, "save_file", lambda t, path: half_written(path))
   with pytest.raises(OSError):
-    layouts.write_state_dict({"w": np.ones(3, np.float32)}, str(tmp_path / f"alexnet{suffix}"))
+    readers.write_state_dict({"w": np.ones(3, np.float32)}, str(tmp_path / f"alexnet{suffix}"))
   assert os.listdir(tmp_path) == []

@@ -14,7 +14,9 @@ import pytest
 from conftest import add, jpeg, params_of
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import input_pipeline, prepare_shards
+from alexnet_jax.data import prepare_shards, shard_format, sources
+from alexnet_jax.data.batches import eval_batches, rescaled_sample, train_batches
+from alexnet_jax.data.stats import image_stats, load_stats, read_stats
 from alexnet_jax.training import metrics, train
 from configs import default
 
@@ -56,28 +58,34 @@ def prepared(tmp_path_factory):
 
 def test_prepare_writes_256_shards_labels_and_statistics(prepared):
   _, out, classes, info = prepared
-  assert info["num_classes"] == 1000 and info["image_side"] == 256
+  assert len(info.classes) == 1000 and info.side == 256 and info.format == "jpeg"
   n_train = 3 * len(classes) + 2  # the truncated image is skipped
-  assert (
-    info["splits"]["train"]["num_images"] == n_train
-    and info["splits"]["val"]["num_images"] == VAL_COUNT
-  )
-  assert len(info["splits"]["train"]["files"]) == len(classes)
+  assert info.splits["train"].num_images == n_train and info.splits["val"].num_images == VAL_COUNT
+  assert len(info.splits["train"].files) == len(classes)
   skipped = open(os.path.join(out, "skipped.txt")).read()
   assert "_broken.JPEG" in skipped and skipped.count("\n") == 1
-  train_split, val_split = input_pipeline.read_prepared(out)
-  stats = input_pipeline.load_stats(out, 256, (0, 0, 0))
+  train_split, val_split = sources.read_prepared(out)
+  stats = load_stats(out, 256, (0, 0, 0))
   assert stats.mean_image.shape == (256, 256, 3) and 0 < stats.mean_image.mean() < 255
   assert stats.eigval[0] >= stats.eigval[1] >= stats.eigval[2] > 0
   np.testing.assert_allclose(stats.eigvec.T @ stats.eigvec, np.eye(3), atol=1e-5)
   # Every stored image is a 256x256 RGB JPEG with its class's label; val labels follow the real
   # list.
-  val = list(
-    input_pipeline.eval_batches(val_split, batch_size=VAL_COUNT, image_size=256, resize_size=256)
-  )[0]
+  val = next(eval_batches(val_split, batch_size=VAL_COUNT, image_size=256, resize_size=256))
   wnids = prepare_shards.imagenet_val_labels()[:VAL_COUNT]
   assert [train_split.classes[y] for y in val["label"]] == wnids
   assert val["image"].shape == (VAL_COUNT, 256, 256, 3)
+
+
+def test_prepare_samples_its_statistics_as_for_a_tfds_dataset(prepared):
+  """One computation and one file for every route: prepare's stats.npz reads back as the
+  statistics of the sample a TFDS dataset's are computed from (test_tfds_source)."""
+  _, out, _, _ = prepared
+  saved = read_stats(out)
+  expected = image_stats(rescaled_sample(sources.read_prepared(out).train, 256, 20))
+  assert saved.num_images == expected.num_images == 20
+  for key in ("mean_image", "eigval", "eigvec"):
+    np.testing.assert_array_equal(getattr(saved, key), getattr(expected, key))
 
 
 def test_rerun_skips_finished_shards_and_redoes_missing_ones(prepared):
@@ -97,7 +105,7 @@ def raw_dir(prepared, tmp_path_factory) -> str:
   manual, _, _, _ = prepared
   raw = str(tmp_path_factory.mktemp("raw") / "out")
   info = prepare_shards.prepare(manual, raw, stats_images=20, workers=2, fmt="raw")
-  assert info["format"] == "raw"
+  assert info.format == "raw"
   return raw
 
 
@@ -114,18 +122,20 @@ def test_raw_shards_give_the_batches_of_the_jpeg_shards(prepared, raw_dir):
   """The same crops, flips, colours and labels for the same seed, step and process, and the
   same ten patches: raw shards hold the JPEG shards' pixels, decoded once."""
   _, out, _, _ = prepared
-  (jpeg_train, jpeg_val), (raw_train, raw_val) = map(input_pipeline.read_prepared, (out, raw_dir))
-  assert isinstance(raw_train, input_pipeline.RawShards) and len(raw_train) == len(jpeg_train)
-  stats = input_pipeline.load_stats(out, 256, (0, 0, 0))
+  (jpeg_train, jpeg_val), (raw_train, raw_val) = map(sources.read_prepared, (out, raw_dir))
+  assert isinstance(raw_train, sources.RawShards) and len(raw_train) == len(jpeg_train)
+  stats = load_stats(out, 256, (0, 0, 0))
   for start_step, process_index in ((0, 0), (3, 1)):
     kw = dict(batch_size=4, image_size=227, resize_size=256, stats=stats, seed=5)
     kw |= dict(start_step=start_step, process_index=process_index, process_count=2)
-    batches = (input_pipeline.train_batches(s, **kw) for s in (jpeg_train, raw_train))
-    assert_same_batches(*batches, count=5)  # past an epoch (2 steps of 8 from 20)
+    assert_same_batches(
+      *(train_batches(s, **kw) for s in (jpeg_train, raw_train)), count=5
+    )  # past an epoch (2 steps of 8 from 20)
   for crops in (1, 10):
     kw = dict(batch_size=4, image_size=227, resize_size=256, crops=crops)
-    batches = (input_pipeline.eval_batches(s, **kw) for s in (jpeg_val, raw_val))
-    assert_same_batches(*batches, count=2)
+    assert_same_batches(*(eval_batches(s, **kw) for s in (jpeg_val, raw_val)), count=2)
+  for a, b in zip(*(rescaled_sample(s, 256, 7) for s in (jpeg_train, raw_train)), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_bad_raw_shards_are_one_line_errors_before_any_work(raw_dir, tmp_path, monkeypatch):
@@ -133,11 +143,11 @@ def test_bad_raw_shards_are_one_line_errors_before_any_work(raw_dir, tmp_path, m
   first = sorted(p for p in broken.glob("train/*.npy") if not p.name.endswith(".labels.npy"))[0]
   np.save(first, np.load(first)[:1])  # one image where the info file says 3
   with pytest.raises(UserInputError, match=r"raw shard .* holds \(1, 256, 256, 3\) images"):
-    input_pipeline.read_prepared(str(broken))
-  info = json.loads((broken / input_pipeline.SHARD_INFO).read_text())
-  (broken / input_pipeline.SHARD_INFO).write_text(json.dumps(info | {"format": "png"}))
+    sources.read_prepared(str(broken))
+  info = json.loads((broken / shard_format.INFO_FILE).read_text())
+  (broken / shard_format.INFO_FILE).write_text(json.dumps(info | {"format": "png"}))
   with pytest.raises(UserInputError, match="names format 'png'"):
-    input_pipeline.read_prepared(str(broken))
+    sources.read_prepared(str(broken))
   with pytest.raises(UserInputError, match="--format=png: choose one of jpeg, raw"):
     prepare_shards.prepare(str(tmp_path), str(tmp_path / "out"), fmt="png")
   # Too little disk: stopped before writing anything, nothing left as if complete.
@@ -227,19 +237,19 @@ def test_an_image_folder_tree_prepares_the_same_way(tmp_path):
   info = prepare_shards.prepare(
     str(tmp_path / "tree"), str(tmp_path / "out"), stats_images=4, workers=1
   )
-  assert info["classes"] == ["cat", "dog"] and info["splits"]["train"]["num_images"] == 6
-  assert info["splits"]["val"]["num_images"] == 2
+  assert info.classes == ("cat", "dog") and info.splits["train"].num_images == 6
+  assert info.splits["val"].num_images == 2
 
 
 def test_processes_read_disjoint_equal_shares_covering_the_split(prepared):
   _, out, _, info = prepared
-  train_split, _ = input_pipeline.read_prepared(out)
-  stats = input_pipeline.load_stats(out, 256, (0, 0, 0))
-  n = info["splits"]["train"]["num_images"]
+  train_split, _ = sources.read_prepared(out)
+  stats = load_stats(out, 256, (0, 0, 0))
+  n = info.splits["train"].num_images
   share = n // 2
 
   def epoch_images(process_index):
-    it = input_pipeline.train_batches(
+    it = train_batches(
       train_split,
       batch_size=share,
       image_size=256,
@@ -253,7 +263,7 @@ def test_processes_read_disjoint_equal_shares_covering_the_split(prepared):
 
   first, second = epoch_images(0), epoch_images(1)
   assert len(first) == len(second) == share and not first & second
-  one = input_pipeline.train_batches(
+  one = train_batches(
     train_split, batch_size=n, image_size=256, resize_size=256, stats=stats, seed=4
   )
   assert first | second <= {hash(img.tobytes()) for img in next(one)["image"]}
@@ -264,4 +274,4 @@ def test_statistics_of_no_images_are_refused(tmp_path):
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     prepare_shards.write_shard(empty, [], pool, quality=90)
   with pytest.raises(UserInputError, match="no images to compute the statistics"):
-    prepare_shards.compute_stats([empty], sample=10)
+    prepare_shards.compute_stats(sources.Shards((empty,), 0, (), 256), sample=10)

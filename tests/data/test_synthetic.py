@@ -3,13 +3,13 @@
 import filecmp
 import os
 
-from alexnet_jax.data import input_pipeline, synthetic
+from alexnet_jax.data import sources, synthetic
 
 
 def test_layout_and_determinism(tmp_path):
   a = synthetic.generate(str(tmp_path / "a"), train_per_class=2, val_per_class=1, seed=5)
   b = synthetic.generate(str(tmp_path / "b"), train_per_class=2, val_per_class=1, seed=5)
-  train, val = input_pipeline.read_image_folder(a)
+  train, val = sources.read_image_folder(a)
   assert train.classes == synthetic.CLASSES and len(synthetic.CLASSES) == 10
   assert len(train) == 20 and len(val) == 10 and all(p.endswith(".jpg") for p in train.paths)
   for p in train.paths + val.paths:
@@ -34,7 +34,7 @@ def test_regenerating_smaller_leaves_exactly_the_requested_dataset(tmp_path):
   root = str(tmp_path / "d")
   synthetic.generate(root, train_per_class=3, val_per_class=2)
   synthetic.generate(root, train_per_class=1, val_per_class=1)
-  train, val = input_pipeline.read_image_folder(root)
+  train, val = sources.read_image_folder(root)
   assert len(train) == 10 and len(val) == 10
 
 

@@ -13,7 +13,9 @@ import tensorflow_datasets as tfds
 from conftest import add, jpeg, params_of, small_config
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import datasets, input_pipeline, tfds_source
+from alexnet_jax.data import datasets, sources, tfds_source
+from alexnet_jax.data.batches import eval_batches, rescaled_sample, train_batches
+from alexnet_jax.data.stats import image_stats, load_stats, read_stats
 from alexnet_jax.training import metrics, train
 
 # Two classes whose archives hold the files TFDS converts by name (CMYK JPEG, PNG), two more.
@@ -61,22 +63,21 @@ def tfds_config(data_dir: str, **overrides):
 
 
 def test_imagenet2012_opens_with_its_classes_and_decodes_every_image(tfds_dir):
-  train_split, val, path = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "")
+  opened = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "")
+  train_split, val = opened.train, opened.val
   assert (len(train_split), len(val)) == (22, VAL_COUNT)
   assert len(train_split.classes) == 1000 and train_split.classes[0] == "n01440764"
-  assert val.name == "imagenet2012/5.1.0/validation" and path.startswith(tfds_dir)
-  it = input_pipeline.eval_batches(
-    train_split, batch_size=32, image_size=67, resize_size=76, crops=1
-  )
+  assert val.name == "imagenet2012/5.1.0/validation" and opened.folder.startswith(tfds_dir)
+  assert train_split.side is None and val.describe(3) == "imagenet2012/5.1.0/validation[3]"
+  it = eval_batches(train_split, batch_size=32, image_size=67, resize_size=76, crops=1)
   batch = next(it)
   assert it.skipped == 0 and batch["mask"].sum() == 22  # the CMYK and PNG files included
   assert sorted(set(batch["label"][:22])) == sorted(train_split.classes.index(c) for c in CLASSES)
-  assert next(input_pipeline.eval_batches(val, batch_size=8, image_size=67, resize_size=76))[
-    "mask"
-  ].all()  # the grayscale image too
+  batch = next(eval_batches(val, batch_size=8, image_size=67, resize_size=76))
+  assert batch["mask"].all()  # the grayscale image too
 
 
-def as_folder(records: input_pipeline.Records, root) -> input_pipeline.Split:
+def as_folder(records: sources.Records, root) -> sources.Split:
   """The records' own encoded files as an image folder, in the records' order."""
   import tensorflow as tf
 
@@ -90,48 +91,48 @@ def as_folder(records: input_pipeline.Records, root) -> input_pipeline.Split:
     paths.append(str(root / f"{i:03d}.jpg"))
     (root / f"{i:03d}.jpg").write_bytes(example["image"].numpy())
     labels.append(int(example["label"]))
-  return input_pipeline.Split(tuple(paths), np.asarray(labels, np.int32), records.classes)
+  return sources.Split(tuple(paths), np.asarray(labels, np.int32), records.classes)
 
 
 def test_tfds_records_give_the_batches_of_the_same_images_in_a_folder(tfds_dir, tmp_path):
   """The paper's pipeline unchanged: the same crops, flips, colours and labels for the same
   seed and step, and the same ten patches, as the image-folder path reading the same files;
   each process's share and a resumed stream as there."""
-  records, val, _ = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "")
+  records = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "").train
   folder = as_folder(records, tmp_path)
-  stats = input_pipeline.load_stats("", 76, (120.0, 110.0, 100.0))
+  stats = load_stats("", 76, (120.0, 110.0, 100.0))
   args = dict(batch_size=4, image_size=67, resize_size=76, stats=stats, seed=3)
   for start_step, process_index in ((0, 0), (7, 1)):
     kw = args | dict(start_step=start_step, process_index=process_index, process_count=2)
-    a = input_pipeline.train_batches(records, **kw)
-    b = input_pipeline.train_batches(folder, **kw)
+    a = train_batches(records, **kw)
+    b = train_batches(folder, **kw)
     for _ in range(6):  # past an epoch (5 global batches of 8 from 22)
       x, y = next(a), next(b)
       assert x.keys() == y.keys()
       for key in x:
         np.testing.assert_array_equal(x[key], y[key], err_msg=key)
   ten = dict(batch_size=8, image_size=67, resize_size=76, crops=10)
-  x = next(input_pipeline.eval_batches(records, **ten))
-  y = next(input_pipeline.eval_batches(folder, **ten))
+  x = next(eval_batches(records, **ten))
+  y = next(eval_batches(folder, **ten))
   for key in x:
     np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def test_statistics_are_sampled_once_and_cached_beside_the_data(tfds_dir, tmp_path, monkeypatch):
-  records, _, path = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "")
+  opened = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "")
+  records, path = opened.train, opened.folder
   folder = tfds_source.stats_dir(records, path, str(tmp_path / "work"), 76, 50)
   assert folder.startswith(path)
-  with np.load(os.path.join(folder, input_pipeline.SHARD_STATS)) as f:
-    cached = dict(f)
-  assert cached["num_images"] == 22 and cached["mean_image"].shape == (76, 76, 3)
-  expected = input_pipeline.image_stats(input_pipeline.rescaled_sample(records, 76, 50))
+  cached = read_stats(folder)
+  assert cached.num_images == 22 and cached.mean_image.shape == (76, 76, 3)
+  expected = image_stats(rescaled_sample(records, 76, 50))
   for key in ("mean_image", "eigval", "eigvec"):
-    np.testing.assert_array_equal(cached[key], expected[key])
+    np.testing.assert_array_equal(getattr(cached, key), getattr(expected, key))
 
   def recomputed(images):
     raise AssertionError("recomputed")
 
-  monkeypatch.setattr(input_pipeline, "image_stats", recomputed)
+  monkeypatch.setattr(tfds_source, "image_stats", recomputed)
   assert tfds_source.stats_dir(records, path, str(tmp_path / "other"), 76, 50) == folder
 
 
@@ -144,12 +145,10 @@ def test_mock_data_stands_in_for_a_dataset_never_built():
       split="train", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
     )
     classes = tuple(builder.info.features["label"].names)
-    records = input_pipeline.Records(source, "image", "label", classes, "oxford_flowers102/train")
-    stats = input_pipeline.load_stats("", 76, (0.0,) * 3)
+    records = sources.Records(source, "image", "label", classes, "oxford_flowers102/train")
+    stats = load_stats("", 76, (0.0,) * 3)
     batch = next(
-      input_pipeline.train_batches(
-        records, batch_size=12, image_size=67, resize_size=76, stats=stats, seed=0
-      )
+      train_batches(records, batch_size=12, image_size=67, resize_size=76, stats=stats, seed=0)
     )
   assert batch["image"].shape == (12, 67, 67, 3) and batch["image"].std() > 0
   assert 0 <= batch["label"].min() and batch["label"].max() < 102 and len(classes) == 102
@@ -235,5 +234,5 @@ def test_train_evaluate_ten_patches_and_resume_exactly_on_tfds_imagenet2012(tfds
     ]
 
   assert logged(straight) == logged(resumed)
-  assert datasets.load_splits(config, resumed)[0].name == "imagenet2012/5.1.0/train"
+  assert datasets.load_splits(config, resumed).train.name == "imagenet2012/5.1.0/train"
   shutil.rmtree(straight)

@@ -7,7 +7,7 @@ import pytest
 from conftest import apply, assert_close, random_params
 
 from alexnet_jax.model import ops
-from alexnet_jax.model.alexnet import AlexNet
+from alexnet_jax.model.alexnet import AlexNet, param_shapes
 
 
 def features(model, side, batch=1):
@@ -31,6 +31,20 @@ def test_parameter_counts():
   assert param_count(AlexNet(variant="torchvision"), side=224) == 61_100_840
   # The one-GPU comparison net keeps conv5 and the fc layers full size (§3.2 footnote).
   assert param_count(AlexNet(variant="paper", towers=1)) == 59_798_312
+
+
+@pytest.mark.parametrize(
+  "variant, towers, side",
+  [("paper", None, 227), ("paper", 1, 227), ("paper", None, 99), ("torchvision", None, 224)],
+)
+def test_param_shapes_are_the_models(variant, towers, side):
+  """`param_shapes`, which the weight layouts check files against, is what the net creates."""
+  model = AlexNet(num_classes=7, variant=variant, towers=towers)
+  init = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
+  pool5 = {227: 6, 224: 6, 99: 2}[side]
+  assert {n: (p["kernel"].shape, p["bias"].shape) for n, p in init.items()} == param_shapes(
+    model.arch, 7, pool5
+  )
 
 
 def test_paper_layer_shapes_and_neuron_counts():

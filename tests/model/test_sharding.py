@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, random_params
+from conftest import apply, assert_close, paper_params, random_params
 from jax.sharding import Mesh
 
 from alexnet_jax.model import sharding
@@ -263,7 +263,7 @@ def test_sharding_rules_split_towers_and_replicate_the_rest():
 @pytest.mark.parametrize(
   "build, message",
   [
-    (lambda: sharding.make_mesh(4), "model=4"),
+    (lambda: sharding.make_mesh(4), "the model axis has size 4; it must be 1"),
     (
       lambda: AlexNet(mesh=Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))),
       "model axis has size 4",
@@ -272,12 +272,32 @@ def test_sharding_rules_split_towers_and_replicate_the_rest():
       lambda: AlexNet(mesh=Mesh(np.array(jax.devices()).reshape(4, 2), ("batch", "tower"))),
       "needs \\('data', 'model'\\)",
     ),
-    (lambda: AlexNet(variant="torchvision", mesh=sharding.make_mesh(2)), "use model=1"),
+    (
+      lambda: AlexNet(variant="torchvision", mesh=sharding.make_mesh(2)),
+      "1 tower\\(s\\) cannot be split over a model axis of size 2",
+    ),
   ],
 )
 def test_bad_meshes_are_named(build, message):
   with pytest.raises(ValueError, match=message):
     build()
+
+
+def test_lrn_across_all_maps_is_the_same_on_a_tower_mesh():
+  """Caffe's LRN reads every tower's maps: with one tower per device it gathers them."""
+  x = jax.random.uniform(jax.random.key(1), (4, 67, 67, 3), maxval=100.0)
+  # a large alpha makes the tower edge count
+  model = AlexNet(num_classes=5, lrn_alpha=1e-2, lrn_scope="all")
+  params = paper_params(67, num_classes=5)
+  ref = apply(model, {"params": params}, x)
+  mesh = sharding.make_mesh(2)  # 4x2: one tower per device
+  params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+  sharded = apply(
+    model.clone(mesh=mesh), {"params": params}, jax.device_put(x, sharding.batch_sharding(mesh))
+  )
+  assert_close(sharded, ref, rtol=1e-5)  # one tower per device: other sum orders
+  with pytest.raises(ValueError, match="unknown lrn_scope 'gpu'"):
+    AlexNet(lrn_scope="gpu")
 
 
 def test_batch_must_divide_over_data():

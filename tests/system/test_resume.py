@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from conftest import params_of, small_config
 
-from alexnet_jax.data import input_pipeline
+from alexnet_jax.data import sources
+from alexnet_jax.data.batches import train_batches
+from alexnet_jax.data.stats import load_stats
 from alexnet_jax.training import checkpoints, metrics, preemption, train
 
 
@@ -96,13 +98,13 @@ def test_counters_continue_across_a_resume(tmp_path, data_dir, monkeypatch):
   assert [logged[s]["train/skipped_steps"] for s in sorted(logged)] == [1, 2, 3]
 
   def skipped(start_step: int, batches: int) -> int:
-    split, _ = input_pipeline.read_image_folder(str(folder))
-    stream = input_pipeline.train_batches(
+    split = sources.read_image_folder(str(folder)).train
+    stream = train_batches(
       split,
       batch_size=16,
       image_size=config.image_size,
       resize_size=config.resize_size,
-      stats=input_pipeline.load_stats("", config.resize_size, (0.0,) * 3),  # no effect on order
+      stats=load_stats("", config.resize_size, (0.0,) * 3),  # no effect on order
       seed=config.seed,
       start_step=start_step,
     )

@@ -60,6 +60,14 @@ def test_bad_model_values_are_named_by_the_model_itself(key, value, message):
     builders.create_model(config)
 
 
+def test_an_unknown_model_setting_is_one_line_naming_it():
+  config = quickstart.get_config()
+  config.model.lrn_size = 5
+  with pytest.raises(UserInputError, match="unknown model setting.* lrn_size;") as error:
+    check_config(config)
+  assert "\n" not in str(error.value)
+
+
 def test_two_towers_split_only_where_there_are_two():
   config = quickstart.get_config()
   config.model.variant, config.model.towers, config.model_parallelism = "torchvision", 1, 2

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import paper_params, params_of, random_params, random_torchvision, small_config
+from conftest import (
+  paper_params,
+  params_of,
+  random_caffe,
+  random_params,
+  random_torchvision,
+  small_config,
+)
 
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.model import sharding
@@ -16,7 +23,7 @@ from alexnet_jax.model.alexnet import LAYERS
 from alexnet_jax.training import builders, checkpoints, optim, pretrained, train
 from alexnet_jax.training.config_check import check_config
 from alexnet_jax.training.restore import restore
-from alexnet_jax.weights import layouts
+from alexnet_jax.weights import layouts, readers
 from configs import quickstart
 
 TRUNK = LAYERS[:-1]  # conv1 ... fc7
@@ -48,7 +55,7 @@ def fresh():
 
 def grouped_file(path, num_classes, side=67, seed=1):
   params = paper_params(side, num_classes=num_classes, seed=seed)
-  layouts.write_state_dict(layouts.to_torch_grouped(params), str(path))
+  readers.write_state_dict(layouts.to_torch_grouped(params), str(path))
   return params
 
 
@@ -135,7 +142,7 @@ def test_init_from_a_checkpoint_reads_only_its_params(tmp_path, fresh):
 def test_mismatched_weights_are_named(tmp_path, fresh):
   config = quickstart.get_config()
   config.init_from = str(tmp_path / "torchvision.npz")
-  layouts.write_state_dict(random_torchvision(np.random.default_rng(0)), config.init_from)
+  readers.write_state_dict(random_torchvision(np.random.default_rng(0)), config.init_from)
   with pytest.raises(
     UserInputError, match="holds a 'torchvision' AlexNet .* set --config.model.variant=torchvision"
   ):
@@ -148,6 +155,21 @@ def test_mismatched_weights_are_named(tmp_path, fresh):
     pretrained.init_params(config, fresh)
   with pytest.raises(UserInputError, match="has no checkpoints/: train first"):
     checkpoints.read_params(str(tmp_path))
+
+
+def test_init_from_names_the_settings_the_weights_were_trained_with(tmp_path, fresh, caplog):
+  """Caffe's weights in the paper's per-tower LRN: the settings that change what they compute
+  are named; Caffe's biases (only initialisation) are not."""
+  config = quickstart.get_config()
+  config.init_from, config.model.bias_one = str(tmp_path / "bvlc_alexnet.npy"), 1.0
+  layers = random_caffe(np.random.default_rng(0), side=1, num_classes=10)
+  np.save(config.init_from, layers, allow_pickle=True)
+  with caplog.at_level(logging.WARNING):
+    pretrained.init_params(config, fresh)
+  warning = next(r.getMessage() for r in caplog.records if "trained with" in r.getMessage())
+  assert "'lrn_scope': 'all'" in warning and "'lrn_k': 1.0" in warning
+  assert "'lrn_scope': 'tower'" in warning and "bias_one" not in warning
+  assert "lrn_n" not in warning  # Caffe's n is the paper's
 
 
 @pytest.mark.parametrize(

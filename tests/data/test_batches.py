@@ -1,17 +1,19 @@
-"""Image folders: formats, labels, crops, host shares, padding, determinism, resume, bad input."""
+"""The batch streams: crops, host shares, padding, determinism, resume, the paper's colour
+noise and ten patches, unreadable images skipped or masked and counted."""
 
 import os
 import threading
 
 import numpy as np
 import pytest
+from conftest import write_image
 from PIL import Image
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import augment
-from alexnet_jax.data import input_pipeline as ip
+from alexnet_jax.data import augment, batches, sources
+from alexnet_jax.data.stats import Stats, load_stats
 
-ZERO = ip.load_stats("", 32, (0.0, 0.0, 0.0))
+ZERO = load_stats("", 32, (0.0, 0.0, 0.0))
 ARGS = dict(image_size=24, resize_size=32)
 PLAIN = dict(ARGS, stats=ZERO, pca_std=0.0)
 
@@ -21,66 +23,29 @@ def net_input(batch, stats=ZERO):
   return np.asarray(augment.normalize(batch, stats.mean_image))
 
 
-def write(path, mode, size, value):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-  array = np.full(size[::-1] + ((channels,) if channels > 1 else ()), value, np.uint8)
-  Image.fromarray(array, mode).save(path)
-
-
-@pytest.fixture
-def folder(tmp_path):
-  """Three classes: a PNG, a grayscale JPEG, an RGBA PNG, and ordinary JPEGs of mixed sizes."""
-  root = tmp_path / "data"
-  write(str(root / "train/b_dog/png.png"), "RGB", (40, 50), 10)
-  write(str(root / "train/b_dog/gray.jpg"), "L", (64, 32), 100)
-  write(str(root / "train/c_fox/rgba.png"), "RGBA", (33, 33), 200)
-  for i in range(5):
-    write(str(root / f"train/a_cat/{i}.jpeg"), "RGB", (48 + i, 36), 50)
-  (root / "train/a_cat/readme.txt").write_text("not an image")
-  write(str(root / "val/a_cat/v.jpg"), "RGB", (40, 40), 50)
-  write(str(root / "val/c_fox/v.png"), "RGBA", (40, 60), 200)
-  write(str(root / "val/c_fox/w.png"), "L", (40, 60), 200)
-  return str(root)
-
-
-def test_classes_sorted_to_labels_and_all_formats_decode(folder):
-  train, val = ip.read_image_folder(folder)
-  assert train.classes == ("a_cat", "b_dog", "c_fox") and len(train) == 8
-  assert val.classes == train.classes and sorted(val.labels.tolist()) == [0, 2, 2]
-  batch = next(ip.train_batches(train, batch_size=8, seed=0, **PLAIN))
-  assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.uint8
-  assert net_input(batch).dtype == np.float32
-  by_label = {int(y): img for y, img in zip(batch["label"], batch["image"])}
-  np.testing.assert_allclose(by_label[2], 200, atol=1)  # RGBA -> RGB, alpha dropped
-  gray = [
-    img for y, img in zip(batch["label"], batch["image"]) if y == 1 and abs(img.mean() - 100) < 2
-  ]
-  assert gray and np.allclose(gray[0][..., 0], gray[0][..., 2])  # grayscale -> three equal channels
-
-
-def test_mean_is_subtracted(folder):
-  train, _ = ip.read_image_folder(folder)
-  stats = ip.load_stats("", 32, (10.0, 20.0, 30.0))
+def test_mean_is_subtracted(mixed_folder):
+  train, _ = sources.read_image_folder(mixed_folder)
+  stats = load_stats("", 32, (10.0, 20.0, 30.0))
   batch = next(
-    ip.train_batches(
+    batches.train_batches(
       train, batch_size=8, seed=0, image_size=24, resize_size=32, pca_std=0.0, stats=stats
     )
   )
+  assert batch["image"].dtype == np.uint8 and net_input(batch, stats).dtype == np.float32
   rgba = net_input(batch, stats)[batch["label"] == 2][0]
   np.testing.assert_allclose(rgba.mean(axis=(0, 1)), [190, 180, 170], atol=1)
 
 
-def test_eval_covers_the_split_once_with_padding(folder):
-  _, val = ip.read_image_folder(folder)
-  batches = list(ip.eval_batches(val, batch_size=2, **ARGS))
-  assert len(batches) == 2
-  assert [b["mask"].tolist() for b in batches] == [[1, 1], [1, 0]]
-  labels = [y for b in batches for y, m in zip(b["label"], b["mask"]) if m]
+def test_eval_covers_the_split_once_with_padding(mixed_folder):
+  _, val = sources.read_image_folder(mixed_folder)
+  made = list(batches.eval_batches(val, batch_size=2, **ARGS))
+  assert len(made) == 2
+  assert [b["mask"].tolist() for b in made] == [[1, 1], [1, 0]]
+  labels = [y for b in made for y, m in zip(b["label"], b["mask"]) if m]
   assert sorted(labels) == [0, 2, 2]
   # Two processes: equal numbers of batches, disjoint images, the split covered once.
   shares = [
-    list(ip.eval_batches(val, batch_size=1, process_index=i, process_count=2, **ARGS))
+    list(batches.eval_batches(val, batch_size=1, process_index=i, process_count=2, **ARGS))
     for i in range(2)
   ]
   assert len(shares[0]) == len(shares[1]) == 2
@@ -88,14 +53,14 @@ def test_eval_covers_the_split_once_with_padding(folder):
 
 
 @pytest.mark.parametrize("crops", [1, 10])
-def test_an_unreadable_eval_image_is_masked_out_and_counted(folder, crops):
-  _, val = ip.read_image_folder(folder)
-  clean = list(ip.eval_batches(val, batch_size=2, crops=crops, **ARGS))
+def test_an_unreadable_eval_image_is_masked_out_and_counted(mixed_folder, crops):
+  _, val = sources.read_image_folder(mixed_folder)
+  clean = list(batches.eval_batches(val, batch_size=2, crops=crops, **ARGS))
   with open(val.paths[1], "wb") as f:
     f.write(b"not an image")
-  batches = ip.eval_batches(val, batch_size=2, crops=crops, **ARGS)
-  broken = list(batches)
-  assert batches.skipped == 1
+  stream = batches.eval_batches(val, batch_size=2, crops=crops, **ARGS)
+  broken = list(stream)
+  assert stream.skipped == 1
   assert [b["mask"].tolist() for b in broken] == [[1, 0], [1, 0]]
   assert not broken[0]["image"][1].any()
   for a, b in zip(clean, broken):
@@ -123,40 +88,31 @@ def first_batch_or_error(stream, timeout=60):
 def test_unreadable_training_images_are_skipped_but_all_unreadable_is_an_error(tmp_path):
   train = distinct_images(tmp_path)
   (tmp_path / "train/c0/3.png").write_bytes(b"not an image")
-  stream = ip.train_batches(train, batch_size=2, seed=3, **PLAIN)
-  seen = [s for _ in range(7) for s in sources(next(stream))]
+  stream = batches.train_batches(train, batch_size=2, seed=3, **PLAIN)
+  seen = [s for _ in range(7) for s in origins(next(stream))]
   assert 20 + 25 * 3 not in seen and stream.skipped >= 1  # 14 of 16 ordinals: at least once
   for path in train.paths:
     with open(path, "wb") as f:
       f.write(b"not an image")
-  error = first_batch_or_error(ip.train_batches(train, batch_size=2, seed=3, **PLAIN))
+  error = first_batch_or_error(batches.train_batches(train, batch_size=2, seed=3, **PLAIN))
   assert isinstance(error, UserInputError), error
   assert "training images in a row could not be read" in str(error) and str(tmp_path) in str(error)
 
 
-def test_errors_other_than_unreadable_files_are_raised(folder, monkeypatch):
-  """A failure after the decode is a bug, not a bad file: the stream must not swallow it."""
-  train, _ = ip.read_image_folder(folder)
-  tf = ip.tf
-  monkeypatch.setattr(tf.image, "resize_with_crop_or_pad", lambda x, h, w: tf.reshape(x, [h, w, 3]))
-  error = first_batch_or_error(ip.train_batches(train, batch_size=2, seed=0, **PLAIN))
-  assert isinstance(error, tf.errors.InvalidArgumentError), error
-
-
 def train_stream(split, steps, **kw):
-  it = ip.train_batches(split, batch_size=2, seed=3, **PLAIN, **kw)
+  it = batches.train_batches(split, batch_size=2, seed=3, **PLAIN, **kw)
   return [next(it) for _ in range(steps)]
 
 
 def distinct_images(root, count=8):
-  """`count` train images, each of its own constant value: a crop's mean names its source."""
+  """`count` train images, each of its own constant value: a crop's mean names its origin."""
   for i in range(count):
-    write(str(root / f"train/c{i % 3}/{i}.png"), "RGB", (32 + i, 40), 20 + 25 * i)
-  write(str(root / "val/c0/v.png"), "RGB", (32, 32), 0)
-  return ip.read_image_folder(str(root))[0]
+    write_image(str(root / f"train/c{i % 3}/{i}.png"), "RGB", (32 + i, 40), 20 + 25 * i)
+  write_image(str(root / "val/c0/v.png"), "RGB", (32, 32), 0)
+  return sources.read_image_folder(str(root)).train
 
 
-def sources(batch):
+def origins(batch):
   return [round(float(img.mean())) for img in batch["image"]]
 
 
@@ -168,14 +124,16 @@ def test_training_order_is_seeded_disjoint_per_host_and_resumable(tmp_path):
   # Resuming at step 5 yields exactly the batches 5, 6, 7 of the uninterrupted stream.
   for x, y in zip(a[5:], train_stream(train, 3, start_step=5)):
     np.testing.assert_array_equal(x["image"], y["image"])
-  epoch_one = [s for batch in a[:4] for s in sources(batch)]
+  epoch_one = [s for batch in a[:4] for s in origins(batch)]
   assert sorted(epoch_one) == [20 + 25 * i for i in range(8)]  # each image once per epoch
 
   # Per epoch (4 images per host with 2 hosts), the hosts' shares are disjoint halves of
   # the one-process epoch, in its order.
   def share(pi):
-    it = ip.train_batches(train, batch_size=2, seed=3, process_index=pi, process_count=2, **PLAIN)
-    return [s for _ in range(2) for s in sources(next(it))]
+    it = batches.train_batches(
+      train, batch_size=2, seed=3, process_index=pi, process_count=2, **PLAIN
+    )
+    return [s for _ in range(2) for s in origins(next(it))]
 
   h0, h1 = share(0), share(1)
   assert not set(h0) & set(h1) and sorted(h0 + h1) == sorted(epoch_one)
@@ -188,9 +146,9 @@ def test_augmentation_crops_and_flips_vary(tmp_path):
   for split in ("train", "val"):
     os.makedirs(root / split / "x")
     Image.fromarray(gradient).save(root / split / "x" / "g.png")
-  train, _ = ip.read_image_folder(str(root))
-  stats = ip.load_stats("", 64, (0, 0, 0))
-  it = ip.train_batches(
+  train, _ = sources.read_image_folder(str(root))
+  stats = load_stats("", 64, (0, 0, 0))
+  it = batches.train_batches(
     train, batch_size=1, seed=0, image_size=24, resize_size=64, pca_std=0.0, stats=stats
   )
   crops = {tuple(net_input(next(it), stats)[0, 0, [0, -1], 0].tolist()) for _ in range(12)}
@@ -198,44 +156,21 @@ def test_augmentation_crops_and_flips_vary(tmp_path):
   assert any(a > b for a, b in crops) and any(a < b for a, b in crops)  # both orientations
 
 
-@pytest.mark.parametrize(
-  "layout, message",
-  [
-    (None, "does not exist"),
-    ({"train/a/x.jpg": 1}, "no 'val' folder"),
-    ({"train/a/x.jpg": 1, "val/b/y.jpg": 1}, r"class folder\(s\) \['b'\] .* not in train"),
-    ({"train/a/notes.txt": 0, "val/a/y.jpg": 1}, "no .jpg/.jpeg/.png images"),
-    ({"train/x.jpg": 1, "val/y.jpg": 1}, "has no class folders"),
-  ],
-)
-def test_bad_folders_are_named(tmp_path, layout, message):
-  root = tmp_path / "d"
-  for rel, is_image in (layout or {}).items():
-    path = root / rel
-    os.makedirs(path.parent, exist_ok=True)
-    if is_image:
-      write(str(path), "RGB", (8, 8), 0)
-    else:
-      path.write_text("x")
-  with pytest.raises(UserInputError, match=message):
-    ip.read_image_folder(str(root))
-
-
 def constant_folder(root, pixels, copies=1):
   for split in ("train", "val"):
     os.makedirs(root / split / "x", exist_ok=True)
     for i in range(copies):
       Image.fromarray(pixels).save(root / split / "x" / f"{i}.png")
-  return ip.read_image_folder(str(root))
+  return sources.read_image_folder(str(root))
 
 
 def test_pca_noise_has_the_stated_covariance(tmp_path):
   train, _ = constant_folder(tmp_path, np.full((16, 16, 3), 128, np.uint8), copies=50)
   eigvec = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0].astype(np.float32)
-  stats = ip.Stats(
+  stats = Stats(
     np.full((16, 16, 3), 128, np.float32), np.array([0.2, 0.05, 0.01], np.float32), eigvec
   )
-  it = ip.train_batches(
+  it = batches.train_batches(
     train, batch_size=50, seed=1, image_size=8, resize_size=16, stats=stats, pca_std=0.1
   )
   noise = np.concatenate(
@@ -251,7 +186,7 @@ def test_pca_noise_has_the_stated_covariance(tmp_path):
 
 
 def test_ten_patches_are_the_paper_windows(tmp_path):
-  assert ip.eval_windows(256, 227, 10) == [
+  assert batches.eval_windows(256, 227, 10) == [
     (0, 0, False),
     (0, 29, False),
     (29, 0, False),
@@ -263,16 +198,17 @@ def test_ten_patches_are_the_paper_windows(tmp_path):
     (29, 29, True),
     (14, 14, True),
   ]
-  assert ip.eval_windows(256, 227, 1) == [(14, 14, False)]
+  assert batches.eval_windows(256, 227, 1) == [(14, 14, False)]
   yy, xx = np.mgrid[0:32, 0:32]
   pixels = np.stack([yy * 7, xx * 7, (yy + xx) * 3], -1).astype(np.uint8)
   _, val = constant_folder(tmp_path, pixels)
-  batch = next(ip.eval_batches(val, batch_size=1, image_size=24, resize_size=32, crops=10))
+  batch = next(batches.eval_batches(val, batch_size=1, image_size=24, resize_size=32, crops=10))
   patches = net_input(batch)[0]
   assert patches.shape == (10, 24, 24, 3)
-  for patch, (y, x, flip) in zip(patches, ip.eval_windows(32, 24, 10)):
-    window = pixels[y : y + 24, x : x + 24].astype(np.float32)
-    np.testing.assert_allclose(patch, window[:, ::-1] if flip else window, atol=1.0)
+  for patch, window in zip(patches, batches.eval_windows(32, 24, 10)):
+    y, x = window.y, window.x
+    expected = pixels[y : y + 24, x : x + 24].astype(np.float32)
+    np.testing.assert_allclose(patch, expected[:, ::-1] if window.flipped else expected, atol=1.0)
 
 
 def test_mean_image_is_subtracted_at_the_crop_position(tmp_path):
@@ -280,27 +216,27 @@ def test_mean_image_is_subtracted_at_the_crop_position(tmp_path):
   yy, xx = np.mgrid[0:32, 0:32]
   pixels = np.stack([yy * 7, xx * 7, (yy * xx) % 200], -1).astype(np.uint8)
   train, val = constant_folder(tmp_path, pixels)
-  stats = ip.Stats(pixels.astype(np.float32), ZERO.eigval, ZERO.eigvec)
-  it = ip.train_batches(
+  stats = Stats(pixels.astype(np.float32), ZERO.eigval, ZERO.eigvec)
+  it = batches.train_batches(
     train, batch_size=1, seed=0, image_size=20, resize_size=32, stats=stats, pca_std=0.0
   )
   for _ in range(10):
     np.testing.assert_allclose(net_input(next(it), stats), 0.0, atol=1.0)
   for crops in (1, 10):
-    batch = next(ip.eval_batches(val, batch_size=1, image_size=20, resize_size=32, crops=crops))
+    batch = next(
+      batches.eval_batches(val, batch_size=1, image_size=20, resize_size=32, crops=crops)
+    )
     np.testing.assert_allclose(net_input(batch, stats), 0.0, atol=1.0)
-  flat = ip.load_stats("", 32, (1.0, 2.0, 3.0), per_pixel=False)
-  np.testing.assert_allclose(flat.mean_image[5, 7], [1, 2, 3])
 
 
-def test_pipelines_run_without_tf_data_autotuning(folder):
+def test_pipelines_run_without_tf_data_autotuning(mixed_folder):
   """Deleting an autotuned iterator waited for autotuning's sleeping thread (up to a minute,
   after every training run of an experiments suite): every pipeline turns it off."""
-  train, val = ip.read_image_folder(folder)
+  train, val = sources.read_image_folder(mixed_folder)
   made = {
-    "train": ip.train_batches(train, batch_size=2, seed=0, **PLAIN),
-    "eval": ip.eval_batches(val, batch_size=2, **ARGS),
-    "sample": ip.rescaled_sample(train, 32, 3),
+    "train": batches.train_batches(train, batch_size=2, seed=0, **PLAIN),
+    "eval": batches.eval_batches(val, batch_size=2, **ARGS),
+    "sample": batches.rescaled_sample(train, 32, 3),
   }
   for name, iterator in made.items():
     next(iterator)
