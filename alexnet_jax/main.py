@@ -3,7 +3,8 @@
   python -m alexnet_jax.main --config=configs/default.py --workdir=DIR [--mode=eval]
     [--config.KEY=VALUE ...]
 
-Only flags here: the work is `train.train_and_evaluate` and `train.evaluate_checkpoint`.
+Only flags here: the work is `training.train.train_and_evaluate` and
+`training.train.evaluate_checkpoint`.
 """
 
 import os

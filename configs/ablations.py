@@ -4,7 +4,7 @@ its images for 10 epochs, so that `--suite=ablations` (7 runs) finishes in about
 
 At this scale the net is still learning when it stops (the paper's 0.01 initialisation keeps
 the loss flat for its first hundred steps): the table compares how fast the variants learn,
-not where they converge. README, "Experiments": the table measured with it.
+not where they converge. docs/experiments.md: the table measured with it.
 """
 
 import ml_collections

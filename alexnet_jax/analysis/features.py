@@ -1,15 +1,10 @@
-"""fc7 features and top-5 predictions of a trained net, for a folder of images or a split of
-its data.
+"""fc7 features and top-5 predictions of a restored net, for a folder of images or a split of
+its run's data (the work of `python -m alexnet_jax.extract`).
 
-  python -m alexnet_jax.extract --workdir=DIR --images=FOLDER --output=FILE.npz
-  python -m alexnet_jax.extract --workdir=DIR --split=train --output=FILE.npz
-    [--step=N] [--batch_size=128]
-
-Images are preprocessed as for evaluation (shorter side to resize_size, central square,
-centre crop of image_size, mean subtracted) and run through the restored net in batches
-on every device present. Each batch's rows go straight to the features file
-(`featurefile.Writer`), so memory does not grow with the number of images. Unreadable
-images are reported and skipped; the rest are extracted. One process only.
+Images go through evaluation's own preprocessing and batches, on every device of the net's
+mesh; each batch's rows go straight to the features file (`featurefile.Writer`), so memory
+does not grow with the number of images. A folder's unreadable images are found first,
+reported and left out. Class names are the run's own (classes.json).
 """
 
 from __future__ import annotations
@@ -35,6 +30,7 @@ from alexnet_jax.data.sources import Source, Split
 from alexnet_jax.data.stats import Stats, load_stats
 from alexnet_jax.model import sharding
 from alexnet_jax.model.alexnet import AlexNet
+from alexnet_jax.training import class_names
 from alexnet_jax.training.restore import Restored
 
 TOP_K = 5
@@ -76,14 +72,19 @@ def readable(paths: Sequence[str], num_parallel_calls: int = -1) -> np.ndarray:
   return ok
 
 
-def run_data(config: ml_collections.ConfigDict, workdir: str) -> datasets.Data | None:
-  """The run's splits and statistics as training read them, or None where its data is not on
-  this machine."""
+def run_classes(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, ...]:
+  """The class names the run's labels index: its classes.json, written when it started. A
+  run from before that file existed has its data opened instead, where it is on this machine."""
+  names = class_names.read(workdir)
+  if names is not None:
+    return names
   try:
-    return datasets.load_splits(config, os.path.abspath(workdir))
+    return datasets.load_splits(config, os.path.abspath(workdir)).train.classes
   except UserInputError as e:
-    logging.warning("the run's data is not here (%s)", e)
-    return None
+    logging.warning(
+      "no class names: %s has no %s and its data is not here (%s)", workdir, class_names.FILE, e
+    )
+    return ()
 
 
 _INPUTS = ("image", "offset", "flip")  # what augment.normalize reads from an eval batch
@@ -170,8 +171,16 @@ def extract_folder(
 ) -> Report:
   """Features of every readable image under folder; unreadable ones are reported and skipped.
 
-  The mean subtracted is the one the run trained with (saved in its workdir); class names
-  are the run's when its data is here.
+  Args:
+    restored: the trained net (`training.restore.restore(workdir)`).
+    workdir: its run's folder: the mean image it trained with (stats.npz) and its class
+      names (classes.json) come from there; the dataset is not opened.
+    folder: images (.jpg, .jpeg, .png), nested folders included.
+    output: the features file to write (.npz, see featurefile), whole or not at all.
+    batch_size: images per batch over all devices; a multiple of the mesh's data axis.
+
+  Returns:
+    Report(count, skipped): the images written and the unreadable ones left out.
   """
   paths = find_images(folder)
   ok = readable(paths, restored.config.num_parallel_calls)
@@ -182,17 +191,28 @@ def extract_folder(
     raise UserInputError(
       f"none of the {len(paths)} images in {folder} could be read as JPEG or PNG"
     )
-  data = run_data(restored.config, workdir)
   stats = load_stats(workdir, restored.config.resize_size, restored.config.channel_mean)
   kept = [p for p, good in zip(paths, ok) if good]
-  images = Split(tuple(kept), np.full(len(kept), -1, np.int32), data.train.classes if data else ())
+  classes = run_classes(restored.config, workdir)
+  images = Split(tuple(kept), np.full(len(kept), -1, np.int32), classes)
   return Report(extract(restored, images, stats, output, batch_size), skipped)
 
 
 def extract_split(
   restored: Restored, workdir: str, split: str, output: str, batch_size: int = 128
 ) -> Report:
-  """Features of the run's own train or val split, with their labels."""
+  """Features of the run's own train or val split, with their labels.
+
+  Args:
+    restored: the trained net (`training.restore.restore(workdir)`).
+    workdir: its run's folder; the run's config names the data, read as training read it.
+    split: "train" or "val".
+    output: the features file to write (.npz, see featurefile), whole or not at all.
+    batch_size: images per batch over all devices; a multiple of the mesh's data axis.
+
+  Returns:
+    Report(count): the images written.
+  """
   data = datasets.load_splits(restored.config, os.path.abspath(workdir))
   images = data.train if split == "train" else data.val
   return Report(extract(restored, images, data.stats, output, batch_size))

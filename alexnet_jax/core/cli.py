@@ -32,6 +32,7 @@ the command has set it up (`simulate_cpu_devices`), and the benchmarks load no c
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -95,9 +96,17 @@ def _exit_for_flag_error(error: Exception, argv: Sequence[str]) -> None:
   overrides = [a for a in argv if _OVERRIDE.match(a)]
   if not overrides:
     raise error
-  key = str(error).strip("\"'")
+  # The message is the key, then ml_collections' suggestion, quoted once per wrapping.
+  text = str(error)
+  while text[:1] in ("'", '"'):
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      break
+  lines = [line.strip().strip("\"'") for line in text.splitlines() if line.strip()] or [""]
+  hint = f" ({lines[1][0].lower()}{lines[1][1:]})" if len(lines) > 1 else ""
   sys.exit(
-    f"error: unknown config key '{key}' in {' '.join(overrides)}; "
+    f"error: unknown config key '{lines[0]}' in {' '.join(overrides)}{hint}; "
     "the keys are those of the config file's get_config()"
   )
 

@@ -321,9 +321,15 @@ class _Evaluation:
 
     ds = tf.data.Dataset.from_tensor_slices((self.index, self.mask))
     corners = [(w.y, w.x) for w in self.windows]
-    want = Crops(
-      lambda i, m: i, lambda i, m: corners, self.size, self.resize_size, self.parallel, finish
-    )
+
+    # Named, not lambdas on one line: AutoGraph cannot tell such lambdas apart and warns.
+    def index_of(i, m):
+      return i
+
+    def corners_of(i, m):
+      return corners
+
+    want = Crops(index_of, corners_of, self.size, self.resize_size, self.parallel, finish)
     ds = reader.crops(ds, want)
     return numpy_iterator(ds.batch(self.batch_size).prefetch(2))
 
@@ -385,8 +391,16 @@ class _Sample:
   parallel: int
 
   def graph(self, reader: GraphReader) -> Iterator[np.ndarray]:
-    finish = lambda i, patches, label, readable: (patches[0], readable)
-    want = Crops(lambda i: i, lambda i: [(0, 0)], self.side, self.side, self.parallel, finish)
+    def finish(i, patches, label, readable):
+      return patches[0], readable
+
+    def index_of(i):
+      return i
+
+    def whole(i):
+      return [(0, 0)]
+
+    want = Crops(index_of, whole, self.side, self.side, self.parallel, finish)
     ds = reader.crops(tf.data.Dataset.from_tensor_slices(self.picks), want)
     ds = ds.filter(lambda image, readable: readable).map(lambda image, readable: image)
     return numpy_iterator(ds.prefetch(2))

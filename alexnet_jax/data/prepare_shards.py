@@ -1,27 +1,14 @@
-"""Builds the paper's down-sampled dataset: 256x256 JPEG shards plus training-set statistics.
+"""Prepared shards from the ImageNet archives or an image-folder tree (the work of
+`python -m alexnet_jax.prepare`), and their raw twins.
 
-  python -m alexnet_jax.prepare --manual_dir=DIR --data_dir=OUT
-
-DIR holds the two official archives (ILSVRC2012_img_train.tar, an archive of per-class
-archives, and ILSVRC2012_img_val.tar), or an image-folder tree DIR/train/<class>/*,
-DIR/val/<class>/*. One pass over the input: every image is decoded once, its shorter side
-rescaled to 256 and its central 256x256 square re-encoded as JPEG into ArrayRecord
-shards (one per training class, 1000 images per validation shard). ArrayRecord gives
-random access by index, so training reads any permutation of the split, splits it
-exactly between processes and resumes mid-epoch without replaying data; a 256x256 JPEG
-is ~8x smaller than raw pixels and decodes (with the fused crop) in a fraction of the
-time of a full-size image. Shards are written under a temporary name and renamed when
-complete, so an interrupted run restarts where it stopped. ImageNet's labels come from
-tensorflow-datasets' own label files. Unreadable images are skipped, named and counted.
-
-  python -m alexnet_jax.prepare --manual_dir=DIR --data_dir=OUT --format=raw
-  python -m alexnet_jax.prepare --data_dir=OUT --format=raw     # JPEG shards already in OUT
-
---format=raw also writes every image decoded, uint8 256x256x3, as one memory-mappable .npy
-array per shard (8x the disk: about 252 GB for ImageNet against 30 GB of JPEG): training
-then decodes nothing, and one core feeds several times the images/s. The raw arrays are
-decoded from the JPEG shards (the same pixels, so the same training), which is also how
-existing JPEG shards are converted without the archives.
+One pass over the input decodes each image once, rescales its shorter side to 256 and writes
+its central square as JPEG into ArrayRecord shards (shard_format owns their names, records
+and info file): random access by index is what lets training permute, split between
+processes and resume mid-epoch without replaying data. Shards are written under a temporary
+name and renamed when whole, so a stopped run restarts where it stopped. `to_raw` decodes the
+JPEG shards into memory-mappable uint8 arrays (8x the disk, nothing to decode in training),
+the same pixels, so the same training. The statistics are sampled as for any source
+(stats.py). ImageNet's labels come from tensorflow-datasets' own label files.
 """
 
 from __future__ import annotations

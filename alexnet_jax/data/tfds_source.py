@@ -1,16 +1,11 @@
-"""TFDS datasets by name (`--config.dataset=tfds:NAME`): any prepared image-classification
-dataset of tensorflow-datasets, read by index from its ArrayRecord files, so that step s's
-batch stays a pure function of (seed, s) and each process reads its own rows.
+"""TFDS datasets as sources (`--config.dataset=tfds:NAME`): a dataset tensorflow-datasets
+prepared, read by index from its ArrayRecord files, so that step s's batch stays a pure
+function of (seed, s) and each process reads its own rows.
 
-Training downloads and builds nothing: a dataset that is not prepared is a one-line error
-that says how to build it, with this module's command (TFDS's builder, as `tfds build` runs
-it, without the `tfds` command's apache-beam import):
-
-  python -m alexnet_jax.tfds_data --dataset=imagenet2012 --manual_dir=ARCHIVES [--data_dir=DIR]
-
-TFDS stores originals: the input pipeline rescales them on the fly, and the statistics (mean
-image, colour PCA) are sampled from the training split once and cached. Imports TensorFlow:
-the model path never imports this module.
+Training builds nothing: a dataset not yet prepared is a one-line error giving the build
+command (`python -m alexnet_jax.tfds_data`, which calls `build`: TFDS's builder without the
+`tfds` command's apache-beam import). TFDS stores originals: they are rescaled as read, and
+the statistics are sampled from the training split once and cached beside the run.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def paper() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
   # "prepared" (`prepare`'s shards) | "tfds:NAME" (a dataset TFDS built; imagenet2012 is
-  # tfds:imagenet2012) | "image_folder" | "synthetic". README: which to choose.
+  # tfds:imagenet2012) | "image_folder" | "synthetic". docs/data.md: which to choose.
   config.dataset = "prepared"
   # prepared: prepare's --data_dir; tfds: the TFDS data directory ("" = TFDS's default);
   # synthetic: where to generate it ("" = WORKDIR/data).
@@ -28,7 +28,7 @@ def paper() -> ml_collections.ConfigDict:
   config.eval_split = ""  # tfds only: "" = "validation" where the dataset has one, else "test"
   config.stats_images = 10_000  # tfds only: training images sampled for the mean image and PCA
   config.num_classes = 1000
-  config.image_size = 227  # the crop; the paper's "224" is an erratum (see README)
+  config.image_size = 227  # the crop; the paper's "224" is an erratum (docs/model.md)
   config.resize_size = 256  # shorter side rescaled to this, then the central square
   config.synthetic_train_per_class = 300  # size of the generated "synthetic" set
   config.synthetic_val_per_class = 50

@@ -14,7 +14,7 @@ from conftest import ROOT, TRAIN_PER_CLASS, assert_close
 
 from alexnet_jax.analysis import featurefile, features, paper_figures
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import synthetic
+from alexnet_jax.data import datasets, synthetic
 from alexnet_jax.model import sharding
 from alexnet_jax.training import checkpoints
 from alexnet_jax.training.restore import restore
@@ -93,7 +93,10 @@ def assert_features_of(output, picked, val_features):
   assert f["label"].tolist() == [-1] * 3 and f["classes"].tolist() == list(synthetic.CLASSES)
 
 
-def test_a_folder_skips_and_names_an_unreadable_image(run, val_features, tmp_path):
+def test_a_folder_skips_and_names_an_unreadable_image(run, val_features, tmp_path, monkeypatch):
+  """The class names come from the run's classes.json: its dataset is not opened (for the
+  embedded data that would generate it again where it is missing)."""
+  monkeypatch.setattr(datasets, "load_splits", lambda *_: pytest.fail("the dataset was opened"))
   folder, picked = folder_of_three(tmp_path, val_features)
   output = str(tmp_path / "out" / "folder.npz")
   report = features.extract_folder(restore(run, mesh=mesh(1, 1)), run, str(folder), output, 8)

@@ -72,19 +72,24 @@ def test_a_missing_config_file_is_one_line(args, tmp_path):
 
 
 @pytest.mark.parametrize(
-  "args, key",
+  "args, key, hint",
   [
-    (["--config=configs/quickstart.py", "--config.no_such_key=3"], "no_such_key"),
-    (["--config.model.no_such_key=3"], "no_such_key"),  # the default file's, while defining
+    (["--config=configs/quickstart.py", "--config.no_such_key=3"], "no_such_key", ""),
+    (["--config.model.no_such_key=3"], "no_such_key", ""),  # the default file's, while defining
+    (
+      ["--config.num_train_stepz=3"],
+      "num_train_stepz",
+      ' (did you mean "num_train_steps" instead of "num_train_stepz"?)',
+    ),
   ],
-  ids=["given_config", "default_config"],
+  ids=["given_config", "default_config", "near_miss"],
 )
-def test_an_unknown_config_key_is_one_line(args, key, tmp_path):
+def test_an_unknown_config_key_is_one_line(args, key, hint, tmp_path):
   out = command("-m", "alexnet_jax.main", f"--workdir={tmp_path}", *args)
   assert_one_error_line(
     out.returncode,
     out.stderr,
-    f"error: unknown config key '{key}' in {args[-1]}; "
+    f"error: unknown config key '{key}' in {args[-1]}{hint}; "
     "the keys are those of the config file's get_config()",
   )
 
