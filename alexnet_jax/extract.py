@@ -10,6 +10,11 @@ centre crop of image_size, mean subtracted) and run through the restored net in 
 on every device present. Each batch's rows go straight to the features file
 (`featurefile.Writer`), so memory does not grow with the number of images. Unreadable
 images are reported and skipped; the rest are extracted. One process only.
+
+The free space the file needs is checked before any image is read. A stopped extraction
+(SIGTERM or SIGINT between batches, a crash, a kill) keeps its rows in OUTPUT.partial/, and
+the same command again goes on from them; a partial of another net or other images is
+replaced, never used.
 """
 
 from __future__ import annotations

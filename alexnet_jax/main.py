@@ -15,6 +15,7 @@ import time
 from absl import flags
 
 from alexnet_jax.core import cli
+from alexnet_jax.training import agreement
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +45,11 @@ def define_flags() -> None:
     "process_id", int(os.environ.get("JAX_PROCESS_ID", 0)), "This process's index."
   )
   flags.DEFINE_integer("coordinator_timeout", 300, "Seconds to wait for all processes to join.")
+  flags.DEFINE_integer(
+    "collective_timeout",
+    600,
+    "Several processes on CPUs: seconds one collective operation waits for the others.",
+  )
 
 
 def _reachable(address: str, timeout: float) -> bool:
@@ -66,6 +72,7 @@ def _start_distributed() -> None:
   address, count, index = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   timeout = FLAGS.coordinator_timeout
   if address and count > 1:
+    agreement.limit_collective_waits(FLAGS.collective_timeout)  # before the backend starts
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only the CPU backend reads it
     if index != 0 and not _reachable(address, timeout):
       # The runtime would abort the process with pages of gRPC detail instead.
@@ -83,6 +90,7 @@ def _start_distributed() -> None:
     int(os.environ.get("SLURM_NTASKS", "1")) > 1
     or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
   ):
+    agreement.limit_collective_waits(FLAGS.collective_timeout)
     jax.distributed.initialize()  # JAX finds its peers by itself
 
 
@@ -91,10 +99,14 @@ def main() -> None:
   cli.use_compilation_cache()
   from alexnet_jax.training import train  # imported after distributed init, as JAX asks
 
-  if FLAGS.mode == "eval":
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
-  else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    if FLAGS.mode == "eval":
+      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    else:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (RuntimeError, ValueError) as e:
+    agreement.exit_if_timed_out(e, FLAGS.collective_timeout)
+    raise
 
 
 if __name__ == "__main__":

@@ -390,3 +390,14 @@ def apply(model, variables, x, **kwargs):
   import jax
 
   return jax.jit(functools.partial(model.apply, **kwargs))(variables, x)
+
+
+def hold_lock(folder) -> subprocess.Popen:
+  """Another process holding `folder`'s lock (`core.locks`) until killed: a second run there."""
+  script = "import sys, time\nfrom alexnet_jax.core import locks\n"
+  script += "locks.take(sys.argv[1], 'workdir', 'wait')\nprint('held', flush=True)\ntime.sleep(600)"
+  proc = subprocess.Popen(
+    [sys.executable, "-c", script, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+  )
+  assert proc.stdout.readline().strip() == "held"
+  return proc

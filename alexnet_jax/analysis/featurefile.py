@@ -5,42 +5,164 @@ Arrays, one row per image: `fc7` (n, 4096) float32, `top5_index` (n, 5) int32 an
 (n,) int32 (-1 where unknown); and `classes` (names the indices refer to, empty when
 unknown) and `step` (the checkpoint's). The file is an uncompressed npz, so `read`
 memory-maps `fc7` from inside it: a database of ImageNet's size never has to fit in
-memory, and writing never holds it either (rows go to a memory-mapped file first).
+memory, and writing never holds it either: rows go to memory-mapped files in the folder
+PATH.partial first, with a progress record, so that a stopped extraction resumes from the
+rows it finished (`Writer(..., identity=...)`).
+
+Writing needs the file's size twice on its disk (the partial rows, then the file made from
+them): `check_space` says so in one line before anything is written, and the partial files
+are allocated whole when they are created, so that a disk that fills up later is an error,
+never a bus error on a memory-mapped page.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shutil
 import struct
 import zipfile
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from alexnet_jax.core import files
 from alexnet_jax.core.errors import UserInputError
 
-_ROW_DTYPES = {"top5_index": np.int32, "top5_prob": np.float32, "path": np.str_, "label": np.int32}
+_ROW_DTYPES = {
+  "fc7": np.float32,
+  "top5_index": np.int32,
+  "top5_prob": np.float32,
+  "label": np.int32,
+}
+_PATHS, _PROGRESS = "paths.jsonl", "progress.json"
+_SLACK = 1 << 20  # the npz's headers, `classes` and `step`: well under a MiB
+
+
+def partial_dir(path: str) -> str:
+  """Where the rows of the features file `path` are kept while it is written."""
+  return path + ".partial"
+
+
+def bytes_needed(rows: int, dim: int, k: int, path_chars: int) -> int:
+  """Disk space a features file of `rows` rows takes while it is written: its partial rows
+  (numbers, and the paths one JSON line each) and then the file itself (paths as numpy
+  strings, 4 bytes a character), both on the disk until the partial rows are removed."""
+  numbers = 4 * dim + 8 * k + 4
+  return rows * (numbers + path_chars + 3) + rows * (numbers + 4 * path_chars) + _SLACK
+
+
+def _allocated(folder: str) -> int:
+  """Bytes the files in folder take on disk (0 if it does not exist)."""
+  if not os.path.isdir(folder):
+    return 0
+  return sum(os.stat(e.path).st_blocks * 512 for e in os.scandir(folder) if e.is_file())
+
+
+def _existing(folder: str) -> str:
+  while not os.path.isdir(folder):
+    folder = os.path.dirname(folder)
+  return folder
+
+
+def check_space(path: str, rows: int, dim: int, k: int, path_chars: int) -> None:
+  """Refuses, before anything is written, to write the features file `path` where its disk
+  lacks the room (`bytes_needed`; what a partial extraction already holds counts as room).
+
+  Raises:
+    UserInputError: not enough free space, with how much is needed and free.
+  """
+  folder = _existing(os.path.dirname(os.path.abspath(path)))
+  needed = bytes_needed(rows, dim, k, path_chars) - _allocated(partial_dir(path))
+  free = shutil.disk_usage(folder).free
+  if needed > free:
+    raise UserInputError(
+      f"the features of {rows} images need {needed / 1e9:.2f} GB free beside {path} (the file "
+      f"and its rows while it is written) but {folder} has {free / 1e9:.2f} GB free: free "
+      "some space or write the file elsewhere (--output)"
+    )
 
 
 class Writer:
-  """Collects rows batch by batch; `close` writes the .npz. The fc7 rows go to a memory-mapped
-  file as they come (memory does not grow with them); only the small fields stay in memory."""
+  """Collects rows batch by batch into memory-mapped files (memory does not grow with them);
+  `close` writes the .npz and removes them.
 
-  def __init__(self, path: str, max_rows: int, dim: int, k: int):
+  With `identity` (what makes two extractions the same: the net, the images), progress is
+  recorded by `save_progress`, and a Writer made again with the same identity and shape goes
+  on from the rows recorded (`count`, `images_done`); any other partial rows are replaced.
+  """
+
+  def __init__(
+    self,
+    path: str,
+    max_rows: int,
+    dim: int,
+    k: int,
+    identity: dict[str, Any] | None = None,
+    path_chars: int = 256,
+  ):
     if not path.endswith(".npz"):
       raise UserInputError(f"features file {path} must end in .npz")
-    self.path = path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self._rows_path = path + ".fc7.partial.npy"
-    self._fc7 = np.lib.format.open_memmap(
-      self._rows_path, mode="w+", dtype=np.float32, shape=(max_rows, dim)
-    )
-    self._small = {
-      key: [np.zeros((0, k) if key.startswith("top5") else (0,), dtype)]  # typed, for 0 rows
-      for key, dtype in _ROW_DTYPES.items()
+    self.path, self.partial = path, partial_dir(path)
+    self._shapes = {
+      "fc7": (max_rows, dim),
+      "top5_index": (max_rows, k),
+      "top5_prob": (max_rows, k),
+      "label": (max_rows,),
     }
-    self.count = 0
+    self._identity = (
+      None if identity is None else {"identity": identity, "shape": [max_rows, dim, k]}
+    )
+    check_space(path, max_rows, dim, k, path_chars)
+    recorded = self._recorded()
+    self.count, self.images_done = recorded.get("rows", 0), recorded.get("images", 0)
+    if not recorded:
+      self._create()
+    self._arrays = {
+      key: np.lib.format.open_memmap(self._file(f"{key}.npy"), mode="r+") for key in _ROW_DTYPES
+    }
+    self._paths = open(self._file(_PATHS), "rb+")
+    self._paths_bytes = recorded.get("paths_bytes", 0)  # the end of the last whole append
+    self._paths.truncate(self._paths_bytes)
+    self._paths.seek(self._paths_bytes)
+
+  def _file(self, name: str) -> str:
+    return os.path.join(self.partial, name)
+
+  def _recorded(self) -> dict[str, Any]:
+    """The progress of a partial extraction with this identity and shape; {} if none."""
+    if self._identity is None:
+      return {}
+    try:
+      with open(self._file(_PROGRESS), encoding="utf-8") as f:
+        progress = json.load(f)
+    except (OSError, ValueError):
+      return {}
+    return progress if {k: progress.get(k) for k in self._identity} == self._identity else {}
+
+  def _create(self) -> None:
+    """Empty partial files, allocated whole (a full disk now, not a bus error later)."""
+    shutil.rmtree(self.partial, ignore_errors=True)
+    os.makedirs(self.partial)
+    try:
+      for key, dtype in _ROW_DTYPES.items():
+        array = np.lib.format.open_memmap(
+          self._file(f"{key}.npy"), mode="w+", dtype=dtype, shape=self._shapes[key]
+        )
+        del array
+        with open(self._file(f"{key}.npy"), "rb+") as f:
+          if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+      open(self._file(_PATHS), "wb").close()
+    except OSError as e:
+      shutil.rmtree(self.partial, ignore_errors=True)
+      if e.errno == errno.ENOSPC:
+        raise UserInputError(
+          f"no space left for the rows of {self.path}: free some space or write the file "
+          "elsewhere (--output)"
+        ) from None
+      raise
 
   def append(
     self,
@@ -50,34 +172,69 @@ class Writer:
     paths: Sequence[str],
     labels: np.ndarray,
   ) -> None:
-    self._fc7[self.count : self.count + len(fc7)] = fc7
-    self.count += len(fc7)
+    rows = slice(self.count, self.count + len(fc7))
     for key, value in (
+      ("fc7", fc7),
       ("top5_index", top5_index),
       ("top5_prob", top5_prob),
-      ("path", paths),
       ("label", labels),
     ):
-      self._small[key].append(np.asarray(value, _ROW_DTYPES[key]))
+      self._arrays[key][rows] = value
+    self._paths.writelines((json.dumps(str(p)) + "\n").encode() for p in paths)
+    self._paths_bytes = self._paths.tell()
+    self.count += len(fc7)
+
+  def save_progress(self, images_done: int) -> None:
+    """Records the rows written so far (the first `images_done` images of the extraction's
+    list gave them): flushed to disk first, so a rerun never reads a row that is not there."""
+    self.images_done = images_done
+    if self._identity is None:
+      return
+    for array in self._arrays.values():
+      array.flush()
+    self._paths.flush()
+    os.fsync(self._paths.fileno())
+    progress = self._identity | {
+      "rows": self.count,
+      "images": images_done,
+      "paths_bytes": self._paths_bytes,
+    }
+    files.write_text(self._file(_PROGRESS), json.dumps(progress))
+
+  def suspend(self, images_done: int) -> None:
+    """Records the progress and leaves the partial rows for a rerun (without an identity
+    there is nothing to resume: they are removed)."""
+    if self._identity is None:
+      self.discard()
+      return
+    self.save_progress(images_done)
+    self._release()
 
   def close(self, classes: Sequence[str] | None, step: int) -> None:
+    """Writes the features file (whole or not at all) and removes the partial rows."""
     try:
+      self._paths.seek(0)
+      paths = [json.loads(line) for line in self._paths]
       with files.atomic_path(self.path) as tmp:
         np.savez(
           tmp,
-          fc7=self._fc7[: self.count],
-          **{k: np.concatenate(v) for k, v in self._small.items()},
+          **{key: array[: self.count] for key, array in self._arrays.items()},
+          path=np.asarray(paths, str).reshape(-1),
           classes=np.asarray(tuple(classes or ()), str),
           step=np.int64(step),
         )
     finally:
       self.discard()
 
+  def _release(self) -> None:
+    self._arrays = {}
+    if not self._paths.closed:
+      self._paths.close()
+
   def discard(self) -> None:
-    """Removes the rows file (also after a failed extraction)."""
-    self._fc7 = None
-    if os.path.exists(self._rows_path):
-      os.remove(self._rows_path)
+    """Removes the partial rows (also after a failed extraction)."""
+    self._release()
+    shutil.rmtree(self.partial, ignore_errors=True)
 
 
 def read(path: str) -> dict[str, np.ndarray]:

@@ -10,9 +10,10 @@ reported and left out. Class names are the run's own (classes.json).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +26,12 @@ from alexnet_jax.analysis import featurefile
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import augment, datasets, image_files
 from alexnet_jax.data.batches import eval_batches, numpy_iterator
-from alexnet_jax.data.decoding import decode
-from alexnet_jax.data.sources import Source, Split
+from alexnet_jax.data.decoding import Crops, decode
+from alexnet_jax.data.sources import RawArrays, Source, Split
 from alexnet_jax.data.stats import Stats, load_stats
 from alexnet_jax.model import sharding
 from alexnet_jax.model.alexnet import AlexNet
-from alexnet_jax.training import class_names
+from alexnet_jax.training import class_names, preemption
 from alexnet_jax.training.restore import Restored
 
 TOP_K = 5
@@ -90,7 +91,10 @@ def run_classes(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, .
 _INPUTS = ("image", "offset", "flip")  # what augment.normalize reads from an eval batch
 
 
-def _predictor(model: AlexNet, k: int):
+def predictor(model: AlexNet, k: int):
+  """The jitted net extraction runs on each batch: (params, batch, mean_image) -> (fc7,
+  the top-k classes, their probabilities)."""
+
   def predict(params, batch, mean_image):
     images = augment.normalize(batch, mean_image)  # as train's eval step does
     logits, state = model.apply({"params": params}, images, mutable=["intermediates"])
@@ -100,6 +104,94 @@ def _predictor(model: AlexNet, k: int):
   return jax.jit(predict)
 
 
+class Stopped(UserInputError):
+  """SIGTERM or SIGINT stopped an extraction between batches; its rows are kept to resume."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tail:
+  """The images of `source` from `start` on (a Source): what a resumed extraction reads."""
+
+  source: Source
+  start: int
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    return self.source.classes
+
+  @property
+  def side(self) -> int | None:
+    return self.source.side
+
+  def __len__(self) -> int:
+    return len(self.source) - self.start
+
+  def describe(self, index: int) -> str:
+    return self.source.describe(index + self.start)
+
+  def read(self, stream):
+    return self.source.read(_Shifted(stream, self.start))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shifted:
+  """A stream that reads image i + start where it asks for image i."""
+
+  stream: Any
+  start: int
+
+  def graph(self, reader):
+    return self.stream.graph(_ShiftedReader(reader, self.start))
+
+  def arrays(self, arrays: RawArrays):
+    shifted = RawArrays(arrays.images, arrays.labels[self.start :], arrays.starts - self.start)
+    return self.stream.arrays(shifted)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShiftedReader:
+  reader: Any
+  start: int
+
+  @property
+  def fallible(self) -> bool:
+    return self.reader.fallible
+
+  def decoded(self, index):
+    return self.reader.decoded(index + self.start)
+
+  def crops(self, ds, want: Crops):
+    def index_of(*element):
+      return want.index_of(*element) + self.start
+
+    return self.reader.crops(ds, dataclasses.replace(want, index_of=index_of))
+
+
+def _layout(restored: Restored) -> tuple[int, int]:
+  """(fc7's width, the predictions kept per image) of the restored net."""
+  arch = restored.model.arch
+  return arch.fc_widths[1] * arch.towers, min(TOP_K, restored.config.num_classes)
+
+
+def _digest(*values: Any) -> str:
+  h = hashlib.sha256()
+  for value in values:
+    h.update(value if isinstance(value, bytes) else np.ascontiguousarray(value).tobytes())
+  return h.hexdigest()
+
+
+def _identity(restored: Restored, names: Sequence[str], stats: Stats) -> dict[str, Any]:
+  """What makes a partial extraction this one: the net (its weights, config and step), the
+  images (their names, in order) and the mean image subtracted from them."""
+  return {
+    "params": _digest(*jax.tree.leaves(jax.device_get(restored.params))),
+    "config": _digest(restored.config.to_json(sort_keys=True).encode()),
+    "step": restored.step,
+    "images": _digest("\n".join(names).encode()),
+    "mean_image": _digest(stats.mean_image),
+  }
+
+
 def extract(
   restored: Restored,
   images: Source,
@@ -107,12 +199,15 @@ def extract(
   output: str,
   batch_size: int = 128,
 ) -> int:
-  """Writes the features file `output` (see featurefile) for every image of `images`; returns the
-  count.
+  """Writes the features file `output` (see featurefile) for every readable image of
+  `images`; returns the rows written.
 
   Images go through evaluation's own pipeline (`batches.eval_batches`, centre crop); each row
   is named as the source names its image (a path; SHARD_DIR#INDEX, NAME/SPLIT[INDEX]).
   batch_size is global and must divide over the mesh's data axis; the last batch is padded.
+  The disk's free space is checked first. SIGTERM or SIGINT stops between batches (`Stopped`)
+  and the same call again goes on from there; so does one after a crash or a kill, from the
+  rows recorded last (every 10 s).
   """
   data_size = restored.mesh.shape["data"]
   if batch_size < 1 or batch_size % data_size:
@@ -120,50 +215,78 @@ def extract(
       f"batch_size={batch_size} does not divide over the {data_size} devices; "
       f"use a multiple of {data_size}"
     )
-  config, arch = restored.config, restored.model.arch
-  k = min(TOP_K, config.num_classes)
+  config = restored.config
+  dim, k = _layout(restored)
   n = len(images)
   names = [images.describe(i) for i in range(n)]
-  predict, put = _predictor(restored.model, k), sharding.batch_sharding(restored.mesh)
-  mean_image = jax.device_put(stats.mean_image, sharding.replicated(restored.mesh))
-  batches = eval_batches(
-    images,
-    batch_size=batch_size,
-    image_size=config.image_size,
-    resize_size=config.resize_size,
-    crops=1,
-    num_parallel_calls=config.num_parallel_calls,
+  writer = featurefile.Writer(
+    output, n, dim, k, _identity(restored, names, stats), max(map(len, names))
   )
-  writer = featurefile.Writer(output, n, arch.fc_widths[1] * arch.towers, k)
+  if writer.images_done:
+    logging.info("resuming the extraction into %s at image %d of %d", output, writer.images_done, n)
+  predict, put = predictor(restored.model, k), sharding.batch_sharding(restored.mesh)
+  mean_image = jax.device_put(stats.mean_image, sharding.replicated(restored.mesh))
   start = last_log = time.monotonic()
+  position = writer.images_done  # the next image to write (or skip, if unreadable)
 
   def write(batch, out):
-    nonlocal last_log
-    m = int(batch["mask"].sum())  # real images come first; padding is masked
-    fc7, top_index, top_prob = (np.asarray(a)[:m] for a in jax.device_get(out))
+    nonlocal last_log, position
+    real = min(batch_size, n - position)  # padding follows the real images
+    keep = batch["mask"][:real] > 0  # unreadable images are masked out
+    fc7, top_index, top_prob = (np.asarray(a)[:real][keep] for a in jax.device_get(out))
+    batch_names = names[position : position + real]
+    for name in np.asarray(batch_names)[~keep]:
+      logging.warning("skipped unreadable image %s", name)
     writer.append(
-      fc7, top_index, top_prob, names[writer.count : writer.count + m], batch["label"][:m]
+      fc7,
+      top_index,
+      top_prob,
+      [p for p, ok in zip(batch_names, keep) if ok],
+      batch["label"][:real][keep],
     )
-    if time.monotonic() - last_log > 10 or writer.count == n:
+    position += real
+    if time.monotonic() - last_log > 10 or position == n:
       last_log = time.monotonic()
+      writer.save_progress(position)
       logging.info(
-        "extracted %d/%d images (%.1f images/s)", writer.count, n, writer.count / (last_log - start)
+        "extracted %d/%d images (%.1f images/s)", position, n, position / (last_log - start)
       )
 
-  try:
-    pending = None
-    for batch in batches:
-      out = predict(
-        restored.params, jax.device_put({key: batch[key] for key in _INPUTS}, put), mean_image
+  with preemption.Watcher() as watcher:
+    try:
+      pending = None
+      if position < n:
+        tail = images if position == 0 else _Tail(images, position)
+        batches = eval_batches(
+          tail,
+          batch_size=batch_size,
+          image_size=config.image_size,
+          resize_size=config.resize_size,
+          crops=1,
+          num_parallel_calls=config.num_parallel_calls,
+        )
+        for batch in batches:
+          if watcher.signal_name:
+            break
+          out = predict(
+            restored.params, jax.device_put({key: batch[key] for key in _INPUTS}, put), mean_image
+          )
+          if pending is not None:
+            write(*pending)  # waits for the previous batch while this one runs
+          pending = (batch, out)
+        if pending is not None:
+          write(*pending)
+    except BaseException:
+      writer.suspend(position)
+      raise
+    if position < n:
+      writer.suspend(position)
+      raise Stopped(
+        f"{watcher.signal_name} received: stopped after {position} of {n} images, kept in "
+        f"{writer.partial}; run the same command again to go on from there"
       )
-      if pending is not None:
-        write(*pending)  # waits for the previous batch while this one runs
-      pending = (batch, out)
-    write(*pending)
     writer.close(images.classes, restored.step)
-  finally:
-    writer.discard()
-  return n
+  return writer.count
 
 
 def extract_folder(
@@ -183,7 +306,8 @@ def extract_folder(
     Report(count, skipped): the images written and the unreadable ones left out.
   """
   paths = find_images(folder)
-  ok = readable(paths, restored.config.num_parallel_calls)
+  featurefile.check_space(output, len(paths), *_layout(restored), max(map(len, paths)))
+  ok = readable(paths, restored.config.num_parallel_calls)  # decodes all: after the check
   skipped = tuple(p for p, good in zip(paths, ok) if not good)
   for path in skipped:
     logging.warning("skipped unreadable image %s", path)

@@ -1,26 +1,57 @@
 """Files written whole or not at all: a crash mid-write never leaves a truncated file under
-the final name (a workdir that cannot resume, features that cannot be read)."""
+the final name (a workdir that cannot resume, features that cannot be read).
+
+Storage may be shared between hosts (NFS, a bucket mounted as a folder), where two processes
+in two containers can both be pid 1: a temporary name holds the host, the pid and random
+bits, so concurrent writers of one file never write into each other's temporary file."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
+import socket
 from typing import Iterator
+
+
+def temporary_name(path: str) -> str:
+  """A hidden name beside `path`, unique across hosts and processes, with `path`'s extension
+  (which np.savez, np.save and torch look at): .NAME.tmp-HOST-PID-RANDOM.EXT."""
+  directory, name = os.path.split(os.path.abspath(path))
+  root, ext = os.path.splitext(name)
+  host = re.sub(r"[^A-Za-z0-9_-]+", "_", socket.gethostname())[:40]
+  return os.path.join(directory, f".{root}.tmp-{host}-{os.getpid()}-{secrets.token_hex(4)}{ext}")
+
+
+def _fsync_directory(directory: str) -> None:
+  """Makes a rename in `directory` durable: without it a power cut can undo the rename.
+  Some file systems cannot open or sync a folder; there the rename is as durable as they
+  make it."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-  """A temporary name beside `path` (same folder, same extension, which np.savez and torch
-  look at) to write to; flushed to disk and renamed to `path` when the block ends, removed if
-  it raises. The rename is atomic on POSIX file systems."""
-  directory, name = os.path.split(os.path.abspath(path))
-  root, ext = os.path.splitext(name)
-  tmp = os.path.join(directory, f".{root}.tmp{os.getpid()}{ext}")
+  """A temporary name beside `path` (`temporary_name`) to write to; flushed to disk, renamed
+  to `path` and the rename synced when the block ends, removed if it raises. The rename is
+  atomic on POSIX file systems: readers see the old file or the new one, never a mix."""
+  tmp = temporary_name(path)
   try:
     yield tmp
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

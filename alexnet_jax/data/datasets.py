@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import sources, synthetic, tfds_source
+from alexnet_jax.data import sources, sync, synthetic, tfds_source
 from alexnet_jax.data.dataset_names import tfds_name
 from alexnet_jax.data.sources import Source
 from alexnet_jax.data.stats import Stats, load_stats
@@ -60,7 +60,7 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Data:
     )
     if jax.process_index() == 0:
       synthetic.generate(data_dir, **sizes)
-    _sync("synthetic data")
+    sync.barrier("the synthetic data")
     synthetic.generate(data_dir, **sizes)  # a no-op where the first process already wrote it
   if name:
     tfds = tfds_source.open_splits(name, data_dir, config.train_split, config.eval_split)
@@ -91,10 +91,3 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Data:
     per_pixel=config.mean_subtraction == "image",
   )
   return Data(train, val, stats)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)

@@ -1,18 +1,24 @@
 """How a source's images become pixels in tf.data graphs, in the two ways sources store them.
 
 `Decoded`: encoded images of any size (image files, TFDS records), decoded and rescaled as
-they are read, where an image that cannot be read or decoded is caught and stands as a
-placeholder marked unreadable. `PreparedJpeg`: the side x side JPEGs `prepare` wrote (only
-images it could read: nothing to catch), the crop fused into the decode. Both give a stream's
+they are read, where an image that cannot be read or decoded, or whose header declares more
+pixels than `image_files.MAX_PIXELS`, is caught and stands as a placeholder marked
+unreadable. `PreparedJpeg`: the side x side JPEGs `prepare` wrote (only images it could read:
+nothing to catch), the crop fused into the decode. Both give a stream's
 elements their crops (`crops`), so the streams never ask which they read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import Callable, Protocol, Sequence
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
+
+from alexnet_jax.data import image_files
 
 tf.config.set_visible_devices([], "GPU")  # TensorFlow never takes an accelerator from JAX
 
@@ -47,8 +53,53 @@ class GraphReader(Protocol):
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
-  """An encoded image's pixels as (H, W, 3) uint8 (grayscale, CMYK and RGBA become RGB)."""
-  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  """An encoded image's pixels as (H, W, 3) uint8 (grayscale, CMYK and RGBA become RGB).
+
+  An image whose header declares more than `image_files.MAX_PIXELS` pixels fails before it is
+  decoded (an error as for a corrupt file: the streams count it unreadable), so a small file
+  that declares a huge image never takes gigabytes."""
+  limit = tf.constant(image_files.MAX_PIXELS, tf.int64)
+  small = tf.debugging.assert_less_equal(
+    declared_pixels(encoded), limit, message="more pixels than image_files.MAX_PIXELS"
+  )
+  with tf.control_dependencies([small]):
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def declared_pixels(encoded: tf.Tensor) -> tf.Tensor:
+  """The pixel count (int64) an encoded image's header declares, read without decoding: a
+  JPEG's frame header and a PNG's IHDR in the graph, another format's header by PIL."""
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(encoded, tf.int64)
+    return shape[0] * shape[1]
+
+  def png():  # IHDR: width, height as big-endian uint32 at bytes 16-23
+    size = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8), tf.int64)
+    width, height = tf.unstack(tf.reduce_sum(tf.reshape(size, [2, 4]) * _BIG_ENDIAN, axis=1))
+    return width * height
+
+  def other():
+    return tf.reshape(tf.numpy_function(_pil_pixels, [encoded], tf.int64, stateful=False), [])
+
+  return tf.case(
+    [
+      (tf.strings.substr(encoded, 0, 2) == _JPEG_MAGIC, jpeg),
+      (tf.strings.substr(encoded, 0, 8) == _PNG_MAGIC, png),
+    ],
+    default=other,
+  )
+
+
+_JPEG_MAGIC, _PNG_MAGIC = b"\xff\xd8", b"\x89PNG\r\n\x1a\n"
+_BIG_ENDIAN = tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64)
+
+
+def _pil_pixels(encoded) -> np.int64:
+  """PIL reads only the header here (GIF, BMP, WebP: formats decode_image also reads).
+  `encoded`: bytes, or in eager mode a 0-d array of them."""
+  width, height = Image.open(io.BytesIO(np.asarray(encoded).item())).size
+  return np.int64(width * height)
 
 
 def rescale(image: tf.Tensor, resize_size: int) -> tf.Tensor:

@@ -8,7 +8,7 @@ processes and resume mid-epoch without replaying data. Shards are written under 
 name and renamed when whole, so a stopped run restarts where it stopped. `to_raw` decodes the
 JPEG shards into memory-mappable uint8 arrays (8x the disk, nothing to decode in training),
 the same pixels, so the same training. The statistics are sampled as for any source
-(stats.py). ImageNet's labels come from tensorflow-datasets' own label files.
+(stats.py). What is read from the input, and how it is checked, is `prepare_inputs`.
 """
 
 from __future__ import annotations
@@ -16,51 +16,31 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import importlib.util
 import io
 import multiprocessing
 import os
 import shutil
 import tarfile
 import time
-from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from alexnet_jax.core import files as files_lib
+from alexnet_jax.core import locks
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import image_files, shard_format
+from alexnet_jax.data import image_files, prepare_inputs, shard_format
+from alexnet_jax.data.prepare_inputs import TRAIN_TAR, VAL_TAR
 from alexnet_jax.data.shard_format import SIDE
 from alexnet_jax.data.stats import Stats, image_stats, read_stats, write_stats
 
-TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 RAW_IMAGE_BYTES = SIDE * SIDE * 3
 AVERAGE_JPEG_BYTES = 110_000  # ImageNet's training JPEGs: 147 GB / 1.28M, to size raw shards
-VAL_SHARD = 1000
 
 if TYPE_CHECKING:  # imported where used: the encoding processes import this module, not TensorFlow
   from alexnet_jax.data.sources import Shards
-
-
-def tfds_label_file(name: str) -> str:
-  """A label file shipped inside tensorflow-datasets, found without importing the package."""
-  spec = importlib.util.find_spec("tensorflow_datasets")
-  if spec is None or not spec.submodule_search_locations:
-    raise UserInputError("tensorflow-datasets is not installed: pip install -r requirements.txt")
-  return os.path.join(spec.submodule_search_locations[0], "datasets", "imagenet2012", name)
-
-
-def imagenet_classes() -> list[str]:
-  with open(tfds_label_file("labels.txt")) as f:
-    return [line.strip() for line in f if line.strip()]
-
-
-def imagenet_val_labels() -> list[str]:
-  """The wnid of ILSVRC2012_val_{i+1:08d}.JPEG at position i."""
-  with open(tfds_label_file("validation_labels.txt")) as f:
-    return [line.strip() for line in f if line.strip()]
 
 
 def downsample(data: bytes, side: int = SIDE, quality: int = 90) -> bytes:
@@ -69,6 +49,10 @@ def downsample(data: bytes, side: int = SIDE, quality: int = 90) -> bytes:
   PIL reads what the real archive holds: CMYK and grayscale JPEGs, PNGs named .JPEG.
   """
   image = Image.open(io.BytesIO(data))
+  if image.width * image.height > image_files.MAX_PIXELS:  # PIL only warns up to twice that
+    raise ValueError(
+      f"{image.width}x{image.height} pixels, over the limit of {image_files.MAX_PIXELS}"
+    )
   image.draft("RGB", (side, side))  # JPEG: let libjpeg decode at the smallest scale >= side
   image = image.convert("RGB")
   w, h = image.size
@@ -95,110 +79,22 @@ class Written(NamedTuple):
 
 
 def write_shard(path: str, items: Iterable[tuple[str, bytes, int]], pool, quality: int) -> Written:
-  """Encodes items in the pool and writes them to `path` atomically."""
-  tmp = path + ".tmp"
-  writer = shard_format.record_writer(tmp)
+  """Encodes items in the pool and writes them to `path` atomically (`files.atomic_path`: a
+  temporary name no other process or host shares, synced before the rename)."""
   written, skipped = 0, []
-  for name, jpeg, label, error in pool.map(
-    functools.partial(_encode, quality=quality), items, chunksize=8
-  ):
-    if jpeg is None:
-      skipped.append(f"{name}: {error}")
-      logging.warning("skipped unreadable image %s (%s)", name, error)
-      continue
-    writer.write(shard_format.encode_example(jpeg, label, name))
-    written += 1
-  writer.close()
-  os.replace(tmp, path)
+  with files_lib.atomic_path(path) as tmp:
+    writer = shard_format.record_writer(tmp)
+    for name, jpeg, label, error in pool.map(
+      functools.partial(_encode, quality=quality), items, chunksize=8
+    ):
+      if jpeg is None:
+        skipped.append(f"{name}: {error}")
+        logging.warning("skipped unreadable image %s (%s)", name, error)
+        continue
+      writer.write(shard_format.encode_example(jpeg, label, name))
+      written += 1
+    writer.close()
   return Written(written, skipped)
-
-
-def _tar_images(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
-  for member in tar:
-    if member.isfile():
-      yield member.name, tar.extractfile(member).read()
-
-
-def _archive_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
-  """(train jobs, val jobs, classes) for the official archives; a job: (shard name, item thunk)."""
-  classes = imagenet_classes()
-  index = {w: i for i, w in enumerate(classes)}
-  train_tar = tarfile.open(os.path.join(manual_dir, TRAIN_TAR))
-  members = [m for m in train_tar.getmembers() if m.isfile()]
-  bad = [m.name for m in members if os.path.splitext(os.path.basename(m.name))[0] not in index]
-  if bad or not members:
-    raise UserInputError(
-      f"{TRAIN_TAR} does not have the official layout (one <wnid>.tar per class): "
-      f"found {bad[:3] or 'no files'}"
-    )
-
-  def class_items(member):
-    wnid = os.path.splitext(os.path.basename(member.name))[0]
-    inner = tarfile.open(fileobj=train_tar.extractfile(member))
-    return [(f"{wnid}/{os.path.basename(n)}", d, index[wnid]) for n, d in _tar_images(inner)]
-
-  train = [
-    (f"{index[os.path.splitext(os.path.basename(m.name))[0]]:04d}", (lambda m=m: class_items(m)))
-    for m in members
-  ]
-  val_labels = imagenet_val_labels()
-  val_tar = tarfile.open(os.path.join(manual_dir, VAL_TAR))
-  val_members = sorted((m for m in val_tar.getmembers() if m.isfile()), key=lambda m: m.name)
-
-  def val_position(name):
-    stem = os.path.splitext(os.path.basename(name))[0]
-    try:
-      return int(stem.rsplit("_", 1)[1]) - 1
-    except (IndexError, ValueError):
-      raise UserInputError(
-        f"{VAL_TAR} does not have the official layout: unexpected file {name}"
-      ) from None
-
-  def val_items(chunk):
-    return [
-      (
-        os.path.basename(m.name),
-        val_tar.extractfile(m).read(),
-        index[val_labels[val_position(m.name)]],
-      )
-      for m in chunk
-    ]
-
-  for m in val_members:
-    val_position(m.name)
-  val = [
-    (f"{k // VAL_SHARD:05d}", (lambda c=val_members[k : k + VAL_SHARD]: val_items(c)))
-    for k in range(0, len(val_members), VAL_SHARD)
-  ]
-  return train, val, classes
-
-
-def _folder_jobs(manual_dir: str) -> tuple[list, list, list[str]]:
-  """The same jobs for an image-folder tree (the class folders' sorted names are the labels)."""
-  from alexnet_jax.data import sources  # listing files only: TensorFlow is needed here anyway
-
-  train_split, val_split = sources.read_image_folder(manual_dir)
-  classes = list(train_split.classes)
-
-  def items(paths, labels):
-    out = []
-    for p, label in zip(paths, labels):
-      with open(p, "rb") as f:
-        out.append((os.path.relpath(p, manual_dir), f.read(), int(label)))
-    return out
-
-  train = []
-  for label, name in enumerate(classes):
-    paths = [p for p, y in zip(train_split.paths, train_split.labels) if y == label]
-    train.append((f"{label:04d}", (lambda p=paths, y=label: items(p, [y] * len(p)))))
-  val = [
-    (
-      f"{k // VAL_SHARD:05d}",
-      (lambda k=k: items(val_split.paths[k : k + VAL_SHARD], val_split.labels[k : k + VAL_SHARD])),
-    )
-    for k in range(0, len(val_split), VAL_SHARD)
-  ]
-  return train, val, classes
 
 
 def _input_images(manual_dir: str, archives: bool) -> int:
@@ -224,6 +120,50 @@ def _input_bytes(manual_dir: str, archives: bool) -> int:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(manual_dir) for f in fs)
 
 
+# Two prepares on one data dir would write the same shards and stats: the second is refused.
+_owning_data_dir = locks.hold(
+  "data_dir", "data dir", "wait for that prepare, or use another --data_dir"
+)
+
+
+def _check_same_input(data_dir: str, planned: shard_format.Info) -> None:
+  """Refuses a rerun whose input is not the one data_dir's shards were written from: keeping
+  them would mix two inputs (a class folder added shifts every later label) and keep the old
+  statistics. Shards with no record of their input are refused too."""
+  recorded = shard_format.read_info(data_dir)
+  fresh = "prepare into a fresh --data_dir (or delete this one)"
+  if recorded is None:
+    written = [p for s in shard_format.SPLITS for p in shard_format.shards_in(data_dir, s)]
+    if written:
+      raise UserInputError(
+        f"{data_dir} holds shards ({written[0]}, ...) but no record of the input they came "
+        f"from ({shard_format.INFO_FILE} missing): {fresh}"
+      )
+    return
+  if recorded.origin is None:
+    raise UserInputError(
+      f"{data_dir} was prepared by an older version that did not record its input, so this "
+      f"rerun cannot tell whether it is the same: {fresh}"
+    )
+  then, now = recorded.origin, planned.origin
+  added = sorted(set(planned.classes) - set(recorded.classes))[:3]
+  removed = sorted(set(recorded.classes) - set(planned.classes))[:3]
+  differ = [
+    what
+    for what, same in (
+      (f"classes (new {added}, gone {removed})", recorded.classes == planned.classes),
+      ("files or file sizes", then.files == now.files),
+      (f"--quality ({then.quality} then, {now.quality} now)", then.quality == now.quality),
+    )
+    if not same
+  ]
+  if differ:
+    raise UserInputError(
+      f"{data_dir} holds shards prepared from another input than {planned.source} is now "
+      f"(other {'; '.join(differ)}): {fresh}"
+    )
+
+
 def compute_stats(train: Shards, sample: int) -> Stats:
   """The statistics of `sample` images spread evenly over the training shards, sampled as
   for a TFDS dataset (`batches.rescaled_sample`)."""
@@ -238,6 +178,7 @@ def compute_stats(train: Shards, sample: int) -> Stats:
   return image_stats(rescaled_sample(train, train.side, sample))
 
 
+@_owning_data_dir
 def prepare(
   manual_dir: str,
   data_dir: str,
@@ -247,7 +188,9 @@ def prepare(
   fmt: str = "jpeg",
 ) -> shard_format.Info:
   """Writes data_dir/{train,val}/*.array_record, dataset_info.json, stats.npz (and with
-  fmt="raw" the raw arrays, `to_raw`); returns the info."""
+  fmt="raw" the raw arrays, `to_raw`); returns the info. The input (classes, files and sizes,
+  quality) is recorded in the info file before the first shard; a rerun keeps finished shards
+  only where its input is the one recorded, and is a one-line error otherwise."""
   shard_format.check_format(fmt)
   if not os.path.isdir(manual_dir):
     raise UserInputError(
@@ -272,11 +215,18 @@ def prepare(
     need, what = need + raw, f"the JPEG shards and the raw arrays ({raw / 2**30:.1f} GiB)"
   _check_disk(data_dir, need, what)
   try:
-    train_jobs, val_jobs, classes = (_archive_jobs if archives else _folder_jobs)(manual_dir)
+    planned = (prepare_inputs.archive_jobs if archives else prepare_inputs.folder_jobs)(manual_dir)
   except tarfile.TarError as e:
     raise UserInputError(f"cannot read the archives in {manual_dir}: {e}") from None
+  source = "imagenet2012" if archives else os.path.abspath(manual_dir)
+  started = shard_format.Info(
+    source, SIDE, tuple(planned.classes), {}, origin=shard_format.Origin(planned.files, quality)
+  )
+  _check_same_input(data_dir, started)
+  if shard_format.read_info(data_dir) is None:
+    shard_format.write_info(data_dir, started)  # before the first shard: what it comes from
 
-  jobs = [("train", n, f) for n, f in train_jobs] + [("val", n, f) for n, f in val_jobs]
+  jobs = [("train", n, f) for n, f in planned.train] + [("val", n, f) for n, f in planned.val]
   start = time.time()
   spawn = multiprocessing.get_context("spawn")  # fork is unsafe once JAX or TF threads exist
   with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), mp_context=spawn) as pool:
@@ -303,11 +253,9 @@ def prepare(
   from alexnet_jax.data.sources import Shards
 
   shards = {s: shard_format.shards_in(data_dir, s) for s in shard_format.SPLITS}
-  info = shard_format.Info(
-    "imagenet2012" if archives else os.path.abspath(manual_dir),
-    SIDE,
-    tuple(classes),
-    {
+  info = dataclasses.replace(
+    started,
+    splits={
       s: shard_format.SplitShards(
         tuple(os.path.basename(p) for p in paths), sum(shard_format.num_records(p) for p in paths)
       )
@@ -327,6 +275,7 @@ def prepare(
   return to_raw(data_dir) if fmt == "raw" else info
 
 
+@_owning_data_dir
 def to_raw(data_dir: str) -> shard_format.Info:
   """Writes beside each JPEG shard of data_dir its images decoded and their labels (the raw
   arrays of `shard_format`), then marks the info file raw; returns it. Each array is written
@@ -337,7 +286,7 @@ def to_raw(data_dir: str) -> shard_format.Info:
   from alexnet_jax.data.batches import numpy_iterator
   from alexnet_jax.data.sources import Shards
 
-  info = shard_format.read_info(data_dir)
+  info = shard_format.read_finished_info(data_dir)
   if info is None:
     raise UserInputError(
       f"no JPEG shards to convert in {data_dir} ({shard_format.INFO_FILE} missing): "
@@ -362,17 +311,17 @@ def to_raw(data_dir: str) -> shard_format.Info:
     whole = Shards((jpeg_path,), n, info.classes, side).reader().decoded
     decoded = tf.data.Dataset.range(n).map(whole, num_parallel_calls=-1, deterministic=True)
     raw_path = shard_format.raw_path(jpeg_path)
-    images = np.lib.format.open_memmap(raw_path + ".tmp", "w+", np.uint8, (n, side, side, 3))
-    labels = np.empty(n, np.int32)
-    done = 0
-    for image, label in numpy_iterator(decoded.batch(256)):
-      images[done : done + len(image)], labels[done : done + len(image)] = image, label
-      done += len(image)
-    images.flush()
-    del images
-    with files_lib.atomic_path(shard_format.raw_labels_path(raw_path)) as tmp:
-      np.save(tmp, labels)
-    os.replace(raw_path + ".tmp", raw_path)
+    with files_lib.atomic_path(raw_path) as tmp_images:  # renamed last: the shard is done
+      images = np.lib.format.open_memmap(tmp_images, "w+", np.uint8, (n, side, side, 3))
+      labels = np.empty(n, np.int32)
+      done = 0
+      for image, label in numpy_iterator(decoded.batch(256)):
+        images[done : done + len(image)], labels[done : done + len(image)] = image, label
+        done += len(image)
+      images.flush()
+      del images
+      with files_lib.atomic_path(shard_format.raw_labels_path(raw_path)) as tmp_labels:
+        np.save(tmp_labels, labels)
     logging.info("raw %s shard %s: %d images", split, os.path.basename(raw_path), n)
   splits = {
     split: dataclasses.replace(

@@ -1,6 +1,7 @@
 """The prepared-shard format: what `prepare` writes and the readers read, named here alone.
 
-  DATA_DIR/dataset_info.json          `Info`: classes, image side, format, each split's shards
+  DATA_DIR/dataset_info.json          `Info`: classes, image side, format, each split's shards,
+                                      what they were written from (`Origin`)
   DATA_DIR/<split>/NNNN.array_record  serialized tf.Examples: IMAGE_KEY (a SIDE x SIDE JPEG),
                                       LABEL_KEY, FILE_NAME_KEY (where the image came from)
   DATA_DIR/<split>/NNNN.npy           --format=raw: the shard's images decoded, memory-mappable
@@ -41,9 +42,16 @@ def shard_path(data_dir: str, split: str, name: str) -> str:
 
 
 def shards_in(data_dir: str, split: str) -> list[str]:
-  """The finished shards of a split, sorted (an interrupted one is still a .tmp file)."""
+  """The finished shards of a split, sorted (an interrupted one is still a hidden temporary
+  file, `files.temporary_name`); none where the split has no folder yet."""
   folder = os.path.join(data_dir, split)
-  return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(RECORD_EXTENSION))
+  if not os.path.isdir(folder):
+    return []
+  return sorted(
+    os.path.join(folder, f)
+    for f in os.listdir(folder)
+    if f.endswith(RECORD_EXTENSION) and not f.startswith(".")
+  )
 
 
 def raw_path(shard: str) -> str:
@@ -101,14 +109,30 @@ class SplitShards:
 
 
 @dataclasses.dataclass(frozen=True)
+class Origin:
+  """What the shards were written from, beside the classes: recorded before the first shard
+  is written, so that a rerun can tell its input is the same before it keeps any."""
+
+  files: str  # sha256 of the input's file names and sizes (the archives', or every image's)
+  quality: int  # the JPEG quality the images were re-encoded at
+
+
+@dataclasses.dataclass(frozen=True)
 class Info:
-  """dataset_info.json: what `prepare` wrote, and the format the readers take it in."""
+  """dataset_info.json: what `prepare` wrote, and the format the readers take it in. Written
+  first with no splits (`finished` False: shards being written), then again when every
+  split is whole."""
 
   source: str  # "imagenet2012" (the archives) or the image folder's path
   side: int
   classes: tuple[str, ...]
   splits: dict[str, SplitShards]
   format: str = "jpeg"
+  origin: Origin | None = None  # None: written by a version that did not record it
+
+  @property
+  def finished(self) -> bool:
+    return set(self.splits) >= set(SPLITS)
 
   def paths(self, data_dir: str, split: str, raw: bool = False) -> tuple[str, ...]:
     """The split's JPEG shards (or raw arrays) in data_dir."""
@@ -132,6 +156,8 @@ def write_info(data_dir: str, info: Info) -> None:
     "splits": splits,
     "format": info.format,
   }
+  if info.origin:
+    record["origin"] = dataclasses.asdict(info.origin)
   files.write_text(os.path.join(data_dir, INFO_FILE), json.dumps(record, indent=1))
 
 
@@ -157,4 +183,17 @@ def read_info(data_dir: str) -> Info | None:
       tuple(raw.get("files", ())),
       tuple(raw.get("counts", ())),
     )
-  return Info(record["source"], record["image_side"], tuple(record["classes"]), splits, fmt)
+  origin = Origin(**record["origin"]) if "origin" in record else None
+  classes = tuple(record["classes"])
+  return Info(record["source"], record["image_side"], classes, splits, fmt, origin)
+
+
+def read_finished_info(data_dir: str) -> Info | None:
+  """data_dir's info as `read_info`, and an error where `prepare` has not finished there."""
+  info = read_info(data_dir)
+  if info is not None and not info.finished:
+    raise UserInputError(
+      f"`python -m alexnet_jax.prepare` has not finished writing {data_dir}: rerun it with the "
+      "same --manual_dir and --data_dir to finish"
+    )
+  return info

@@ -249,7 +249,7 @@ def read_image_folder(data_dir: str) -> Splits:
 
 def read_prepared(data_dir: str) -> Splits:
   """The train and val shards of a prepared data_dir, in the format `prepare` wrote last."""
-  info = shard_format.read_info(data_dir)
+  info = shard_format.read_finished_info(data_dir)
   if info is None:
     raise UserInputError(
       f"no prepared dataset at data_dir={data_dir!r} ({shard_format.INFO_FILE} missing): "

@@ -14,10 +14,13 @@ import os
 import re
 from typing import NamedTuple
 
+import jax
+
 from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.data import sync
 from alexnet_jax.data.batches import rescaled_sample
 from alexnet_jax.data.sources import Records
-from alexnet_jax.data.stats import image_stats, read_stats, write_stats
+from alexnet_jax.data.stats import Stats, image_stats, read_stats, write_stats
 
 
 def _build_command(name: str, builder, data_dir: str) -> str:
@@ -120,23 +123,44 @@ def open_splits(name: str, data_dir: str | None, train_split: str, eval_split: s
 def stats_dir(train: Records, data_path: str, workdir: str, resize_size: int, sample: int) -> str:
   """A folder whose statistics (`stats.read_stats`) are those of `sample` training images
   rescaled to resize_size, as `prepare` computes them: beside the data where writable (one
-  computation for every run), else in the workdir. Computed on first use."""
+  computation for every run), else in the workdir. Computed on first use by process 0 alone,
+  while the others wait for it (`sync.barrier`): processes never write one file at once, and
+  all read the same file.
+
+  Raises:
+    UserInputError: process 0 did not write them in time, or where the others can read.
+  """
   key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{train.name.split('/')[-1]}_{resize_size}_{sample}")
   folders = [os.path.join(data_path, f"alexnet_jax_stats_{key}"), os.path.join(workdir, key)]
-  for folder in folders:
-    if read_stats(folder) is not None:
-      return folder
-  stats = image_stats(rescaled_sample(train, resize_size, sample))
+  if jax.process_index() == 0 and not _with_stats(folders):
+    _write_beside_data_or_in_workdir(
+      folders, image_stats(rescaled_sample(train, resize_size, sample))
+    )
+  sync.barrier(f"the statistics of {train.name}")
+  found = _with_stats(folders)
+  if not found:
+    raise UserInputError(
+      f"process {jax.process_index()} cannot read the statistics process 0 wrote in "
+      f"{' or '.join(folders)}: give every process the same data_dir and workdir, on storage "
+      "they share"
+    )
+  return found
 
-  def write(folder: str) -> str:
-    os.makedirs(folder, exist_ok=True)
-    write_stats(folder, stats)
-    return folder
 
+def _with_stats(folders: list[str]) -> str | None:
+  """The first of `folders` that holds statistics."""
+  return next((folder for folder in folders if read_stats(folder) is not None), None)
+
+
+def _write_beside_data_or_in_workdir(folders: list[str], stats: Stats) -> None:
+  """Writes `stats` into folders[0], or folders[1] where folders[0] cannot be written (a
+  read-only data directory)."""
   try:
-    return write(folders[0])
-  except OSError:  # a read-only data directory
-    return write(folders[1])
+    os.makedirs(folders[0], exist_ok=True)
+    write_stats(folders[0], stats)
+  except OSError:
+    os.makedirs(folders[1], exist_ok=True)
+    write_stats(folders[1], stats)
 
 
 def build(name: str, data_dir: str | None, manual_dir: str | None = None) -> str:

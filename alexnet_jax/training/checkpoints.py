@@ -3,28 +3,34 @@ that opens a checkpoint manager, chooses a step and restores.
 
 Saves are atomic (orbax writes to a temporary folder and renames it), so a finished
 checkpoint is never replaced by a half-written one. The latest few are kept, and the
-best by validation top-1 error.
+best by validation top-1 error. Each save records a checksum of every array
+(`alexnet_jax.training.checksums`), and every restore compares them: a damaged checkpoint
+is never used; without a step asked for, the latest good one is, with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from alexnet_jax.core import files
 from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.data import sync
+from alexnet_jax.training import checksums, resume_rules
 
 BEST_METRIC = "val/top1_error"
 CONFIG_FILE = "config.json"
-# Settings a resumed run must share with the run that wrote the checkpoint.
-_MUST_MATCH = ("model", "num_classes", "image_size", "batch_size", "dataset")
+CHECKSUMS = "array_checksums"  # the key of the checksums in each step's orbax metadata
+DAMAGED_DIR = "damaged_checkpoints"  # where a resumed run moves the damaged ones it skipped
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -44,7 +50,14 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None = None) -> None:
-  mgr.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+  """Saves state at step with its arrays' checksums, in the same atomic write."""
+  mgr.save(
+    step,
+    args=ocp.args.StandardSave(state),
+    metrics=metrics,
+    custom_metadata={CHECKSUMS: checksums.of(state)},
+    force=True,
+  )
 
 
 def locate(path: str) -> tuple[str, int | None]:
@@ -80,28 +93,145 @@ def choose_step(mgr: ocp.CheckpointManager, step: int | None = None) -> int:
   return step
 
 
-def restore(mgr: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
-  """The whole state at `step` (default: latest) of a run's own manager, laid out like
-  `target` (arrays or ShapeDtypeStructs: shapes and shardings), whatever mesh wrote it."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  step = choose_step(mgr, step)
+class _Damaged(Exception):
+  """A checkpoint that cannot be read, or reads other values than were saved."""
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _verified(mgr: ocp.CheckpointManager, step: int, read: Callable[[int], Any]) -> Any:
+  """read(step), its arrays compared with the checksums saved with them.
+
+  Raises:
+    _Damaged: the step cannot be read, or an array differs from its checksum.
+  """
   try:
-    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except ValueError as e:
-    if "tree structures do not match" not in str(e):
-      raise
-    workdir = os.path.dirname(str(mgr.directory))
+    recorded = (mgr.metadata(step).custom_metadata or {}).get(CHECKSUMS)
+    tree = read(step)
+  except UserInputError:
+    raise
+  except Exception as e:  # tensorstore raises a bare Exception for a cut file
+    raise _Damaged(f"unreadable: {_first_line(e)}") from e
+  if recorded is None:
+    logging.info(
+      "%s/%d was saved without checksums (an older version): not verified", mgr.directory, step
+    )
+    return tree
+  bad = checksums.mismatches(tree, recorded)
+  if bad:
+    raise _Damaged(f"{len(bad)} arrays differ from their saved checksums: {', '.join(bad[:3])}")
+  return tree
+
+
+def _everywhere(ok: bool) -> bool:
+  """True where every process read its part of a step well: they all go on with one step."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+  step: int
+  tree: Any
+  damaged: dict[int, str]  # later steps skipped: why each is damaged
+
+
+def _first_good(mgr: ocp.CheckpointManager, step: int | None, read: Callable[[int], Any]) -> _Found:
+  """The step asked for, or else the latest step that reads back as saved."""
+  chosen = choose_step(mgr, step)  # a clear error where there is no such step, or none
+  candidates = [chosen] if step is not None else sorted(mgr.all_steps(), reverse=True)
+  damaged: dict[int, str] = {}
+  for candidate in candidates:
+    tree, reason = None, ""
+    try:
+      tree = _verified(mgr, candidate, read)
+    except _Damaged as e:
+      reason = str(e)
+    if _everywhere(not reason):
+      return _Found(candidate, tree, damaged)
+    damaged[candidate] = reason or "damaged on another process"
+  listed = "; ".join(f"step {s}: {why}" for s, why in damaged.items())
+  if step is not None:
     raise UserInputError(
-      f"{mgr.directory}/{step} holds a training state of another alexnet_jax version (its "
-      "fields differ from this one's), so it cannot be resumed: train in a fresh --workdir "
-      f"with --config.init_from={workdir} to start from its parameters"
-    ) from None
+      f"checkpoint {mgr.directory}/{step} is damaged ({listed}): it is not used; pass another "
+      f"step (it has {sorted(mgr.all_steps())})"
+    )
+  raise UserInputError(
+    f"every checkpoint in {mgr.directory} is damaged ({listed}): none is used; train in a "
+    "fresh --workdir"
+  )
+
+
+def _set_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+  """Moves damaged steps out of the checkpoints folder (kept to inspect, never resumed), so
+  that the resumed run saves those steps afresh. Every process names the places before
+  process 0 moves them: all log the same names."""
+  workdir = os.path.dirname(str(mgr.directory))
+  targets = []
+  for step in steps:
+    target = os.path.join(workdir, DAMAGED_DIR, str(step))
+    while os.path.exists(target):
+      target += "+"
+    targets.append(target)
+  sync.barrier("naming damaged checkpoints")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, DAMAGED_DIR), exist_ok=True)
+    for step, target in zip(steps, targets):
+      os.rename(os.path.join(str(mgr.directory), str(step)), target)
+  sync.barrier("setting damaged checkpoints aside")
+  mgr.reload()
+  return targets
+
+
+def restore(
+  mgr: ocp.CheckpointManager, target: Any, step: int | None = None, set_aside: bool = False
+) -> Any:
+  """The whole state at `step` (default: the latest good one) of a run's own manager, laid
+  out like `target` (arrays or ShapeDtypeStructs: shapes and shardings), whatever mesh wrote
+  it. A damaged checkpoint is never used: a later one skipped is named in a warning (and with
+  `set_aside`, as when resuming, moved to WORKDIR/damaged_checkpoints); none good, or the
+  `step` asked for damaged, is a UserInputError."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+
+  def read(s: int) -> Any:
+    try:
+      return mgr.restore(s, args=ocp.args.StandardRestore(abstract))
+    except ValueError as e:
+      if "tree structures do not match" not in str(e):
+        raise
+      workdir = os.path.dirname(str(mgr.directory))
+      raise UserInputError(
+        f"{mgr.directory}/{s} holds a training state of another alexnet_jax version (its "
+        "fields differ from this one's), so it cannot be resumed: train in a fresh --workdir "
+        f"with --config.init_from={workdir} to start from its parameters"
+      ) from None
+
+  found = _first_good(mgr, step, read)
+  if found.damaged:
+    moved = _set_aside(mgr, sorted(found.damaged)) if set_aside else []
+    _warn_skipped(str(mgr.directory), found, moved)
+  return found.tree
+
+
+def _warn_skipped(directory: str, found: _Found, moved: list[str]) -> None:
+  damaged = "; ".join(
+    f"checkpoint {directory}/{s} is damaged ({why})" for s, why in found.damaged.items()
+  )
+  where = f", moved to {', '.join(moved)}" if moved else ""
+  logging.warning("%s%s: using step %d instead, the latest good one", damaged, where, found.step)
 
 
 def read_params(path: str, step: int | None = None, target: Any = None) -> tuple[Any, int, str]:
   """(parameters, step, checkpoints folder) of a checkpoint of ours, the optimizer state
-  left unread (orbax partial restore). path: see `locate`; step: default the one in path, else
-  the latest. target: abstract parameters (`builders.abstract_state(...).params`) to place
+  left unread (orbax partial restore), verified against their checksums. path: see `locate`;
+  step: default the one in path, else the latest good one (a later damaged one is named in a
+  warning). target: abstract parameters (`builders.abstract_state(...).params`) to place
   them on a mesh, any mesh; None: numpy arrays on the host."""
   ckpt_dir, step_in_path = locate(path)
   mgr = ocp.CheckpointManager(
@@ -109,29 +239,46 @@ def read_params(path: str, step: int | None = None, target: Any = None) -> tuple
     options=ocp.CheckpointManagerOptions(create=False),
     item_handlers=ocp.PyTreeCheckpointHandler(),
   )
-  try:
-    step = choose_step(mgr, step_in_path if step is None else step)
-    if target is None:
-      tree = mgr.item_metadata(step).tree
+
+  def read(s: int) -> Any:
+    params = target
+    if params is None:
+      tree = mgr.item_metadata(s).tree
       if "params" not in tree:
-        raise UserInputError(f"{ckpt_dir}/{step} holds no params: not a checkpoint of ours")
-      target = tree["params"]
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        raise UserInputError(f"{ckpt_dir}/{s} holds no params: not a checkpoint of ours")
+      params = tree["params"]
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params)
     else:
-      restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    params = mgr.restore(
-      step,
+      restore_args = ocp.checkpoint_utils.construct_restore_args(params)
+    return mgr.restore(
+      s,
       args=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+        item={"params": params}, restore_args={"params": restore_args}, partial_restore=True
       ),
-    )["params"]
+    )
+
+  try:
+    found = _first_good(mgr, step_in_path if step is None else step, read)
   finally:
     mgr.close()
-  return params, step, ckpt_dir
+  if found.damaged:
+    _warn_skipped(ckpt_dir, found, [])
+  return found.tree["params"], found.step, ckpt_dir
 
 
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  files.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+def save_config(workdir: str, config: ml_collections.ConfigDict, step: int = 0) -> None:
+  """Writes config.json; a resumed run (at `step`) that changed settings keeps the previous
+  config as config.<step>.json beside it, so every value a step was trained with is known."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  text = config.to_json_best_effort(indent=2)
+  kept = os.path.join(workdir, f"config.{step}.json")
+  # Not at step 0, nor over a kept one: a rerun from that step kept nothing of the runs between.
+  if step and os.path.exists(path) and not os.path.exists(kept):
+    with open(path) as f:
+      previous = f.read()
+    if previous != text:
+      files.write_text(kept, previous)
+  files.write_text(path, text)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict | None:
@@ -143,16 +290,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict | None:
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A workdir with checkpoints must have been written with the same model settings."""
+  """A workdir with checkpoints resumes only with the settings its run was trained with, but
+  for those `resume_rules.RULES` lets change; a one-line error names the others."""
   saved = load_config(workdir)
   if saved is None:
     return
-  for key in _MUST_MATCH:
-    old, new = saved.get(key), config.get(key)
-    old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
-    new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
-    if old != new:
-      raise UserInputError(
-        f"workdir {workdir} holds checkpoints of a run with {key}={old}, not {new}: "
-        "use a fresh --workdir, or the settings of that run"
-      )
+  changes = resume_rules.compare(saved, config)
+  if changes.refused:
+    raise UserInputError(resume_rules.refusal(workdir, changes.refused))
+  for change in changes.applied:
+    logging.info("resumed with %s=%r (was %r)", change.key, change.new, change.old)

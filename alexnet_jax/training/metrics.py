@@ -1,6 +1,8 @@
 """Where metrics go: DIR/metrics.jsonl (one JSON object per write), TensorBoard, the console.
 
-Only process 0 writes, so a multi-process run logs each figure once.
+Only process 0 writes, so a multi-process run logs each figure once. A line torn by a full
+disk or a kill mid-write can only be the last: readers drop it (with a warning), and a
+writer cuts it off before appending, so the next record starts on a line of its own.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ import json
 import math
 import os
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from absl import logging
 
 from alexnet_jax.core import files
+from alexnet_jax.core.errors import UserInputError
 
 
 def _plain(value):
@@ -30,6 +33,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
+      _mend(self.path)
       import tensorflow as tf  # the data path has already imported it; the model path never does
 
       self._tf = tf
@@ -52,24 +56,59 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """Every record of workdir/metrics.jsonl, in order."""
-  path = os.path.join(workdir, "metrics.jsonl")
+class _Read(NamedTuple):
+  records: list[dict]
+  whole: bool  # the file ends with a complete line: records can be appended to it
+
+
+def _read(path: str) -> _Read:
+  """The records of a metrics file; a torn last line (a write cut short) dropped and logged, a
+  bad line before it an error naming the file and line."""
   if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return _Read([], True)
+  with open(path, errors="replace") as f:
+    text = f.read()
+  lines = text.splitlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if number < len(lines):
+        raise UserInputError(
+          f"{path} line {number} is not a JSON record: {line[:60]!r}; fix or delete that line"
+        ) from None
+      logging.warning("%s: dropped its last line, cut short mid-write: %r", path, line[:60])
+      return _Read(records, False)
+  return _Read(records, not text or text.endswith("\n"))
+
+
+def _mend(path: str) -> None:
+  """Cuts a torn last line off, so that the next record is appended on a line of its own."""
+  read = _read(path)
+  if not read.whole:
+    _write(path, read.records)
+
+
+def _write(path: str, records: list[dict]) -> None:
+  files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Every record of workdir/metrics.jsonl, in order; a torn last line is left out."""
+  return _read(os.path.join(workdir, "metrics.jsonl")).records
 
 
 def keep_records(workdir: str, keep: Callable[[dict], bool]) -> None:
   """Drops the records `keep` refuses (what a killed run logged after its last checkpoint), so
   that a resumed run's metrics.jsonl reads as if it had never been interrupted."""
-  records = read_metrics(workdir)
-  kept = [r for r in records if keep(r)]
-  if len(kept) < len(records):
-    files.write_text(
-      os.path.join(workdir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept)
-    )
+  path = os.path.join(workdir, "metrics.jsonl")
+  read = _read(path)
+  kept = [r for r in read.records if keep(r)]
+  if len(kept) < len(read.records) or not read.whole:
+    _write(path, kept)
 
 
 def _duration(seconds: float) -> str:

@@ -4,7 +4,8 @@ The source is a checkpoint of ours (a workdir, its checkpoints/ folder or one st
 folder; only the parameters are read, whatever optimizer or mesh wrote them) or a weights
 file `layouts.read_pretrained` reads, adapted to our input pipeline. Every layer whose
 shape fits is loaded; when only the class count differs, fc8 keeps this run's fresh
-initialisation. A run with a checkpoint of its own resumes instead (train.py).
+initialisation. Weights holding NaN or Inf are refused, naming the tensors. A run with a
+checkpoint of its own resumes instead (train.py).
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ def load(source: str) -> tuple[layouts.Params, dict, str]:
     params, step, ckpt_dir = checkpoints.read_params(source)
     saved = checkpoints.load_config(os.path.dirname(ckpt_dir))
     model = {} if saved is None else saved.model.to_dict()
-    return params, model, f"checkpoint {os.path.join(ckpt_dir, str(step))}"
-  params, fmt = layouts.read_pretrained(source)
+    what = f"checkpoint {os.path.join(ckpt_dir, str(step))}"
+    layouts.check_finite(named_tensors(params), what)
+    return params, model, what
+  params, fmt = layouts.read_pretrained(source)  # refuses NaN and Inf itself
   return params, recipes.trained_with(fmt), f"{fmt} weights {source}"
+
+
+def named_tensors(params: layouts.Params) -> dict[str, Any]:
+  """Each parameter by its name (conv1/kernel ...), for messages that name them."""
+  return {f"{name}/{p}": value for name, layer in params.items() for p, value in layer.items()}
 
 
 def place(params: layouts.Params, target: Any, source: str) -> Any:

@@ -22,6 +22,7 @@ from alexnet_jax.model.alexnet import feature_sides, make_arch, pool_geometry
 from alexnet_jax.training import builders, checkpoints, pretrained, recipes
 from alexnet_jax.weights.layouts import (
   TORCHVISION_STD,
+  check_finite,
   read_pretrained,
   to_torch_grouped,
   to_torchvision,
@@ -82,7 +83,8 @@ def export_weights(source: str, path: str, fmt: str | None = None, step: int | N
   """Writes a checkpoint of ours (a workdir, its checkpoints/ or one step's folder) as a
   PyTorch state dict: "torchvision" (undoing TORCHVISION_STD, so the net takes
   torchvision's normalised input) or "torch_grouped". Returns the format written."""
-  params, _, _ = checkpoints.read_params(source, step)
+  params, step, ckpt_dir = checkpoints.read_params(source, step)
+  check_finite(pretrained.named_tensors(params), f"checkpoint {os.path.join(ckpt_dir, str(step))}")
   fmt = fmt or ("torchvision" if np.shape(params["conv1"]["kernel"])[-1] == 64 else "torch_grouped")
   if fmt not in ("torchvision", "torch_grouped"):
     raise UserInputError(

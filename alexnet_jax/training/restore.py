@@ -34,7 +34,8 @@ class Restored:
 def restore(
   workdir: str, step: int | None = None, mesh: Mesh | None = None, variant: str | None = None
 ) -> Restored:
-  """The checkpoint at `step` (default: the latest) of the run in workdir.
+  """The checkpoint at `step` (default: the latest good one; a later damaged one is named in a
+  warning, `checkpoints.read_params`) of the run in workdir.
 
   mesh: where to place the parameters (default: every device, data-parallel). variant:
   when given, the run must have trained that variant.

@@ -9,7 +9,7 @@ import collections
 import dataclasses
 import functools
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +25,16 @@ from alexnet_jax.data.stats import Stats, write_stats
 from alexnet_jax.model import backend, sharding
 from alexnet_jax.model.alexnet import AlexNet
 from alexnet_jax.training import (
+  agreement,
   builders,
   checkpoints,
   class_names,
+  guards,
   metrics,
   optim,
   preemption,
   pretrained,
+  resume_rules,
   steps,
 )
 from alexnet_jax.training.config_check import check_config
@@ -61,10 +64,14 @@ def evaluate(
   batches: Iterator[dict],
   batch_sharding: NamedSharding,
   mean_image: jax.Array,
+  stop: Callable[[int], bool] | None = None,
 ) -> dict:
-  """Loss and top-1/top-5 error over the whole split; one host sync, at the end."""
+  """Loss and top-1/top-5 error over the whole split; one host sync, at the end. `stop(k)`,
+  asked before each batch k, can cut it short (raising preemption.Stopped)."""
   totals = None
-  for batch in prefetch(to_global(b, batch_sharding) for b in batches):
+  for k, batch in enumerate(prefetch(to_global(b, batch_sharding) for b in batches)):
+    if stop is not None and stop(k):
+      raise preemption.Stopped(f"evaluation stopped before its batch {k}")
     out = eval_step(params, batch, mean_image)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
@@ -159,11 +166,13 @@ class _Job:
       compiler_options=backend.compiler_options(),
     )
 
-  def evaluate(self, params: Any) -> dict:
+  def evaluate(self, params: Any, stop: Callable[[int], bool] | None = None) -> dict:
     """Loss, top-1 and top-5 error over the whole validation split (config.eval_crops patches);
-    unreadable images are left out and counted."""
+    unreadable images are left out and counted. `stop`: see `evaluate`."""
     batches = eval_batches(self.val_split, crops=self.config.eval_crops, **self.data_args)
-    return evaluate(self.steps.evaluate, params, batches, self.batch_sharding, self.mean_image)
+    return evaluate(
+      self.steps.evaluate, params, batches, self.batch_sharding, self.mean_image, stop
+    )
 
   @property
   def replicated(self) -> NamedSharding:
@@ -182,9 +191,14 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Job:
     raise UserInputError(f"--config.dtype={config.dtype}: {e}") from e
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+  resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  if resuming:
     checkpoints.check_resumable(workdir, config)
   train_split, val_split, stats = datasets.load_splits(config, workdir)
+  if resuming:  # data_dir may have changed: the data must not
+    data = resume_rules.DataShape.of(train_split, val_split)
+    resume_rules.check_same_data(workdir, config.data_dir, data)
+  agreement.check(config, datasets.Data(train_split, val_split, stats))  # every process alike
   first = config.get("first_device", 0)
   devices = jax.devices()[first : first + config.num_devices] if config.num_devices else None
   mesh = sharding.make_mesh(config.model_parallelism, devices)
@@ -224,6 +238,7 @@ def _log_eval(step: int, result: dict) -> None:
     )
 
 
+@guards.owning_workdir
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict, workdir: str, step: int | None = None
 ) -> dict:
@@ -245,6 +260,7 @@ class NonFiniteLoss(UserInputError):
   """The loss, a gradient or a parameter became NaN or Inf: the run stops before saving it."""
 
 
+@guards.owning_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in workdir if any) and evaluates.
 
@@ -265,16 +281,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lead = jax.process_index() == 0
   state, mgr, total_steps = job.state, job.mgr, job.total_steps
   if mgr.latest_step() is not None:
-    state = checkpoints.restore(mgr, state)
+    state = checkpoints.restore(mgr, state, set_aside=True)
     logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
   elif config.init_from:
     state = state.replace(params=pretrained.init_params(config, state.params))
   start = int(state.step)
   eval_pending = bool(state.log["eval_pending"])  # stopped before this step's evaluation
   if lead:
-    checkpoints.save_config(job.workdir, config)
+    checkpoints.save_config(job.workdir, config, start)
     write_stats(job.workdir, job.stats)
     class_names.write(job.workdir, job.train_split.classes)
+    resume_rules.record_data(job.workdir, resume_rules.DataShape.of(job.train_split, job.val_split))
     # Lines a killed run wrote past its last checkpoint, and an evaluation that will be redone.
     metrics.keep_records(
       job.workdir,
@@ -325,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The step's evaluation, then the plateau rule. An evaluation that fails first saves
     the step (`skipped` given: no checkpoint of it yet), its evaluation pending."""
     try:
-      result = job.evaluate(state.params)
-    except BaseException:
+      result = job.evaluate(state.params, stop=watcher.stops_evaluation)
+    except BaseException:  # a stop request (preemption.Stopped) too
       if skipped is not None:
         save(step, _with_log(state, eval_pending=1), skipped)
       raise
@@ -336,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = _apply_plateau(state, result["val/top1_error"], config)
     return _with_log(state, eval_pending=0), result
 
-  with preemption.Watcher() as watcher:
+  with guards.full_disk_is_an_error(job.workdir), preemption.Watcher() as watcher:
     try:
       if eval_pending:
         state, last_eval = evaluate_at(start, state, None)
@@ -375,9 +392,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           )
           break
       if start >= total_steps and not last_eval:  # already trained: the checkpoint's quality
-        last_eval = job.evaluate(state.params)
+        last_eval = job.evaluate(state.params, stop=watcher.stops_evaluation)
+    except preemption.Stopped:
+      logging.warning(
+        "%s received during the evaluation of step %d: its checkpoint is saved; rerun the same "
+        "command to evaluate it and continue",
+        watcher.signal_name,
+        int(state.step),
+      )
     finally:
-      mgr.wait_until_finished()
-      mgr.close()
-      writer.close()
+      try:
+        mgr.wait_until_finished()  # a save still being written (it may fail: a full disk)
+      finally:
+        mgr.close()
+        writer.close()
   return last_eval

@@ -37,6 +37,7 @@ Params = dict[str, dict[str, np.ndarray]]
 FORMATS = ("torchvision", "torch_grouped", "caffe")
 # torchvision divides (pixels / 255 - mean) by std = (0.229, 0.224, 0.225); in 0-255 units:
 TORCHVISION_STD = (58.395, 57.12, 57.375)
+_FLOATS = ("float16", "bfloat16", "float32", "float64")  # the dtypes weights may come in
 _TORCHVISION_KEYS = dict(
   zip(
     LAYERS,
@@ -119,29 +120,38 @@ def _expected(fmt: str, towers: int, num_classes: int, side: int) -> dict[str, t
   return expected
 
 
-def _dimensions(tensors: Mapping, fmt: str, towers: int) -> tuple[int, int]:
+def _towers(shapes: Mapping[str, tuple], fmt: str) -> int:
+  """The towers of the net a layout's tensors hold: the grouped net's follow conv2's groups."""
+  if fmt != "torch_grouped":
+    return 2 if fmt == "caffe" else 1
+  try:
+    towers = shapes["conv1.weight"][0] // shapes["conv2.weight"][1]
+  except (KeyError, IndexError, ZeroDivisionError):
+    towers = 2  # the shape check names what is wrong
+  return towers if towers in (1, 2) else 2
+
+
+def _dimensions(shapes: Mapping[str, tuple], fmt: str, towers: int) -> tuple[int, int]:
   """(num_classes, pool5 side) of the net the tensors claim to be, for the shape check."""
-  bkey = _keys(fmt)["fc8"][1]
-  num_classes = np.shape(tensors[bkey])[0] if np.ndim(tensors.get(bkey)) == 1 else 1000
+  bias = shapes.get(_keys(fmt)["fc8"][1], ())
+  num_classes = bias[0] if len(bias) == 1 else 1000
   if fmt == "torchvision":
     return num_classes, 6
-  wkey = _keys(fmt)["fc6"][0]
+  fc6 = shapes.get(_keys(fmt)["fc6"][0], ())
   maps = towers * make_arch("paper", towers).conv_widths[-1]
-  fan_in = (
-    np.shape(tensors[wkey])[0 if fmt == "caffe" else -1] if np.ndim(tensors.get(wkey)) == 2 else 0
-  )
+  fan_in = fc6[0 if fmt == "caffe" else -1] if len(fc6) == 2 else 0
   side = math.isqrt(fan_in // maps)
   return num_classes, side if side and side * side * maps == fan_in else 6
 
 
-def _check(tensors: Mapping, expected: dict[str, tuple], what: str) -> None:
+def _check(shapes: Mapping[str, tuple], expected: dict[str, tuple], what: str) -> None:
   """A clear error listing every missing, extra and mis-shaped tensor."""
-  missing = [k for k in expected if k not in tensors]
-  extra = sorted(k for k in tensors if k not in expected)
+  missing = [k for k in expected if k not in shapes]
+  extra = sorted(k for k in shapes if k not in expected)
   wrong = [
-    f"{k} {tuple(np.shape(tensors[k]))} (expected {expected[k]})"
+    f"{k} {shapes[k]} (expected {expected[k]})"
     for k in expected
-    if k in tensors and tuple(np.shape(tensors[k])) != expected[k]
+    if k in shapes and shapes[k] != expected[k]
   ]
   problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
     [f"extra {', '.join(extra)}"] if extra else []
@@ -151,9 +161,29 @@ def _check(tensors: Mapping, expected: dict[str, tuple], what: str) -> None:
     raise UserInputError(f"{what} does not match the AlexNet it should hold: {'; '.join(problems)}")
 
 
-def _import(tensors: Mapping, fmt: str, towers: int) -> Params:
-  num_classes, side = _dimensions(tensors, fmt, towers)
-  _check(tensors, _expected(fmt, towers, num_classes, side), f"the {fmt} weights")
+def _check_layout(shapes: Mapping[str, tuple], fmt: str, what: str) -> int:
+  """Refuses tensors that are not exactly those of an AlexNet in `fmt`; returns its towers."""
+  towers = _towers(shapes, fmt)
+  num_classes, side = _dimensions(shapes, fmt, towers)
+  _check(shapes, _expected(fmt, towers, num_classes, side), what)
+  return towers
+
+
+def check_finite(tensors: Mapping[str, Any], what: str) -> None:
+  """Refuses weights holding NaN or Inf (a diverged run's): imported, they would train or
+  predict nothing without a word."""
+  bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
+  if bad:
+    raise UserInputError(
+      f"refusing {what}: NaN or Inf values in {', '.join(bad)}; take the weights from a file "
+      "or checkpoint saved before they went bad"
+    )
+
+
+def _import(tensors: Mapping, fmt: str) -> Params:
+  what = f"the {fmt} weights"
+  towers = _check_layout({k: tuple(np.shape(v)) for k, v in tensors.items()}, fmt, what)
+  check_finite(tensors, what)
   merged = {}
   for name, keys in _keys(fmt).items():
     w, b = (np.asarray(tensors[k], np.float32) for k in keys)
@@ -161,6 +191,7 @@ def _import(tensors: Mapping, fmt: str, towers: int) -> Params:
       w = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
     merged[name] = (w, b)
   width = merged["conv5"][0].shape[-1] // towers
+  side = math.isqrt(merged["fc6"][0].shape[0] // (towers * width))
   rows = _fc6_rows(towers, width, side, "hwc" if fmt == "caffe" else "chw")
   merged["fc6"] = (merged["fc6"][0][rows], merged["fc6"][1])
   return _split(merged, towers)
@@ -181,7 +212,7 @@ def _export(params: Mapping, fmt: str) -> dict[str, np.ndarray]:
   ours = {f"{name}/{p}": params[name][p] for name in LAYERS for p in ("kernel", "bias")}
   shapes = param_shapes(arch, np.shape(params["fc8"]["bias"])[0], side)
   _check(
-    ours,
+    {k: tuple(np.shape(v)) for k, v in ours.items()},
     {f"{n}/{p}": s for n, (k, b) in shapes.items() for p, s in (("kernel", k), ("bias", b))},
     f"the parameters to export as {fmt}",
   )
@@ -215,7 +246,7 @@ def from_torchvision(
   get; conv1 absorbs it, so the net takes (pixels - mean) rather than (pixels - mean) / std.
   TORCHVISION_STD fits our pipeline (0-255 pixels minus the mean).
   """
-  params = _import(state_dict, "torchvision", towers=1)
+  params = _import(state_dict, "torchvision")
   return (
     params if input_std is None else _scale_conv1(params, 1.0 / np.asarray(input_std, np.float64))
   )
@@ -233,11 +264,7 @@ def to_torchvision(
 def from_torch_grouped(state_dict: Mapping[str, Any]) -> Params:
   """The state dict of `torch_nets.GroupedAlexNet` (`to_torch_grouped`'s) as `variant="paper"`
   parameters; the towers follow conv2's groups."""
-  try:
-    towers = np.shape(state_dict["conv1.weight"])[0] // np.shape(state_dict["conv2.weight"])[1]
-  except (KeyError, IndexError, ZeroDivisionError):
-    towers = 2  # the shape check names what is wrong
-  return _import(state_dict, "torch_grouped", towers=towers if towers in (1, 2) else 2)
+  return _import(state_dict, "torch_grouped")
 
 
 def to_torch_grouped(params: Mapping) -> dict[str, np.ndarray]:
@@ -262,7 +289,7 @@ def from_caffe(layers: Mapping[str, Any], rgb: bool = False) -> Params:
         f"Caffe layer {name!r} holds {type(value).__name__}, not [weights, biases]"
       )
     tensors[f"{name}.weights"], tensors[f"{name}.biases"] = value
-  params = _import(tensors, "caffe", towers=2)
+  params = _import(tensors, "caffe")
   if rgb:
     params["conv1"]["kernel"] = np.ascontiguousarray(params["conv1"]["kernel"][..., ::-1, :])
   return params
@@ -285,12 +312,23 @@ def state_dict_format(tensors: Mapping, path: str) -> str:
   )
 
 
+def _check_declared(declared: Mapping[str, readers.Declared], path: str) -> None:
+  """A state dict file's tensors, as its headers declare them, checked against the layout
+  their names say before any is read: a small file declaring huge tensors reads nothing."""
+  fmt = state_dict_format(declared, path)
+  _check_layout({k: d.shape for k, d in declared.items()}, fmt, f"{path} ({fmt} weights)")
+  other = [f"{k} {d.dtype}" for k, d in declared.items() if d.dtype not in _FLOATS]
+  if other:
+    raise UserInputError(f"{path} holds tensors that are not floating point: {', '.join(other)}")
+
+
 def read_pretrained(path: str) -> tuple[Params, str]:
   """A weights file as (parameters, format), adapted to our input pipeline: RGB pixels in
-  0-255 minus the mean (conv1 absorbs torchvision's std and Caffe's BGR order)."""
+  0-255 minus the mean (conv1 absorbs torchvision's std and Caffe's BGR order). Files with
+  other tensors than the layout's, or with NaN or Inf, are refused."""
   if os.path.splitext(path)[1].lower() == ".npy":
     return from_caffe_npy(path, rgb=True), "caffe"
-  tensors = readers.read_state_dict(path)
+  tensors = readers.read_state_dict(path, lambda declared: _check_declared(declared, path))
   fmt = state_dict_format(tensors, path)
   if fmt == "torchvision":
     return from_torchvision(tensors, input_std=TORCHVISION_STD), fmt

@@ -2,10 +2,14 @@
 batch size, a folder with a broken image (API, and CLI in the slow suite), the one-command
 figures, one line per bad input."""
 
+import dataclasses
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -203,3 +207,115 @@ def test_cli_error_is_one_line(tmp_path):
     f"error: workdir {tmp_path} has no checkpoints/: train first with python -m alexnet_jax.main "
     f"--workdir={tmp_path}, or pass the workdir of a run"
   )
+
+
+def test_too_little_free_space_is_one_line_before_any_work(run, data_dir, tmp_path, monkeypatch):
+  """Before: the extraction started and, on a full disk, died of a bus error with no message."""
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=10**6))
+  monkeypatch.setattr(features, "readable", lambda *_: pytest.fail("images were decoded"))
+  monkeypatch.setattr(features, "predictor", lambda *_: pytest.fail("the net was compiled"))
+  restored, output = restore(run, mesh=mesh(1, 1)), str(tmp_path / "out" / "f.npz")
+  for extraction, source in ((features.extract_split, "val"), (features.extract_folder, data_dir)):
+    with pytest.raises(UserInputError) as e:
+      extraction(restored, run, source, output, batch_size=4)
+    assert re.fullmatch(
+      r"the features of \d+ images need 0\.\d\d GB free beside .*f\.npz \(the file and its rows "
+      r"while it is written\) but .* has 0\.00 GB free: free some space or write the file "
+      r"elsewhere \(--output\)",
+      str(e.value),
+    )
+  assert not os.path.exists(output) and not os.path.exists(output + ".partial")
+
+
+class _Interrupted(Exception):
+  """A crash (or a kill) between two batches."""
+
+
+_PREDICTOR = features.predictor
+
+
+def predictor_that(monkeypatch, at_call: int = 0, action=None) -> list:
+  """Extraction's net, counting its batches (the list returned) and calling action() before
+  batch `at_call` (1-based)."""
+  calls, real = [], _PREDICTOR
+
+  def make(model, k):
+    predict = real(model, k)
+
+    def counted(*args):
+      calls.append(1)
+      if len(calls) == at_call:
+        action()
+      return predict(*args)
+
+    return counted
+
+  monkeypatch.setattr(features, "predictor", make)
+  return calls
+
+
+def _crash():
+  raise _Interrupted
+
+
+def _sigterm():
+  os.kill(os.getpid(), signal.SIGTERM)  # caught: the extraction stops before the next batch
+
+
+@pytest.mark.parametrize("stop, rows_kept", [(_crash, 4), (_sigterm, 12)])
+def test_a_stopped_extraction_resumes_with_the_rows_of_an_uninterrupted_one(
+  run, val_features, tmp_path, monkeypatch, stop, rows_kept
+):
+  """20 images in batches of 4, stopped at the third: the rerun reads only the images not
+  written (before: it started from zero) and ends with exactly the uninterrupted rows."""
+  restored, output = restore(run, mesh=mesh(1, 1)), str(tmp_path / "val.npz")
+  calls = predictor_that(monkeypatch, 3, stop)
+  with pytest.raises(_Interrupted if stop is _crash else features.Stopped) as e:
+    features.extract_split(restored, run, "val", output, batch_size=4)
+  if stop is _sigterm:
+    assert str(e.value) == (
+      f"SIGTERM received: stopped after 12 of 20 images, kept in {output}.partial; run the "
+      "same command again to go on from there"
+    )
+  assert not os.path.exists(output) and os.path.isdir(output + ".partial")
+  calls = predictor_that(monkeypatch)
+  report = features.extract_split(restored, run, "val", output, batch_size=4)
+  assert len(calls) == (20 - rows_kept) // 4 and report.count == 20
+  assert sorted(os.listdir(tmp_path)) == ["val.npz"]  # the partial rows are gone
+  f = featurefile.read(output)
+  for key in ("fc7", "top5_index", "top5_prob", "path", "label"):
+    np.testing.assert_array_equal(f[key], val_features[key], err_msg=key)
+
+
+def test_a_partial_extraction_of_other_images_is_replaced_not_used(
+  run, val_features, tmp_path, monkeypatch
+):
+  restored, output = restore(run, mesh=mesh(1, 1)), str(tmp_path / "f.npz")
+  predictor_that(monkeypatch, 3, _crash)
+  with pytest.raises(_Interrupted):
+    features.extract_split(restored, run, "val", output, batch_size=4)
+  folder, picked = folder_of_three(tmp_path, val_features)
+  assert features.extract_folder(restored, run, str(folder), output, 4).count == 3
+  assert_features_of(output, picked, val_features)
+
+
+def test_an_unreadable_image_of_a_split_is_left_out_not_shifted(
+  run, val_features, data_dir, tmp_path
+):
+  """Before: the rows after an unreadable image were written under their neighbours' names."""
+  data = shutil.copytree(data_dir, tmp_path / "data", ignore=shutil.ignore_patterns(".built"))
+  broken = 5
+  with open(str(val_features["path"][broken]).replace(data_dir, str(data)), "wb") as f:
+    f.write(b"not a jpeg")
+  restored = restore(run, mesh=mesh(1, 1))
+  config = restored.config.copy_and_resolve_references()
+  config.data_dir = str(data)
+  restored = dataclasses.replace(restored, config=config)
+  output = str(tmp_path / "val.npz")
+  assert features.extract_split(restored, run, "val", output, batch_size=4).count == 19
+  f, kept = featurefile.read(output), [i for i in range(20) if i != broken]
+  np.testing.assert_array_equal(f["label"], val_features["label"][kept])
+  assert [os.path.relpath(p, data) for p in f["path"]] == [
+    os.path.relpath(p, data_dir) for p in val_features["path"][kept]
+  ]
+  assert_close(f["fc7"], val_features["fc7"][kept], rtol=1e-5)

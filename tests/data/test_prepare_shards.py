@@ -14,7 +14,7 @@ import pytest
 from conftest import add, jpeg, params_of
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import prepare_shards, shard_format, sources
+from alexnet_jax.data import prepare_inputs, prepare_shards, shard_format, sources
 from alexnet_jax.data.batches import eval_batches, rescaled_sample, train_batches
 from alexnet_jax.data.stats import image_stats, load_stats, read_stats
 from alexnet_jax.training import metrics, train
@@ -25,7 +25,7 @@ VAL_COUNT = 6
 
 def make_archives(root, corrupt=True):
   """The official layout: a train tar of <wnid>.tar archives, a flat val tar; real wnids."""
-  val_wnids = prepare_shards.imagenet_val_labels()[:VAL_COUNT]
+  val_wnids = prepare_inputs.imagenet_val_labels()[:VAL_COUNT]
   classes = sorted(set(val_wnids))
   os.makedirs(root, exist_ok=True)
   with tarfile.open(os.path.join(root, prepare_shards.TRAIN_TAR), "w") as outer:
@@ -72,7 +72,7 @@ def test_prepare_writes_256_shards_labels_and_statistics(prepared):
   # Every stored image is a 256x256 RGB JPEG with its class's label; val labels follow the real
   # list.
   val = next(eval_batches(val_split, batch_size=VAL_COUNT, image_size=256, resize_size=256))
-  wnids = prepare_shards.imagenet_val_labels()[:VAL_COUNT]
+  wnids = prepare_inputs.imagenet_val_labels()[:VAL_COUNT]
   assert [train_split.classes[y] for y in val["label"]] == wnids
   assert val["image"].shape == (VAL_COUNT, 256, 256, 3)
 
@@ -218,6 +218,30 @@ def test_bad_archives_are_named(tmp_path):
     prepare_shards.prepare(str(flat), str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize(
+  "numbers, named",
+  [
+    ((0, 2, 3), r"numbers out of range: ILSVRC2012_val_00000000\.JPEG"),
+    ((1, 90000), r"numbers out of range: ILSVRC2012_val_00090000\.JPEG"),
+    ((1, 2, 2, 3), r"numbers given twice: ILSVRC2012_val_00000002\.JPEG, ILSVRC2012_val_00000002"),
+  ],
+  ids=["zero", "90000", "twice"],
+)
+def test_validation_numbers_out_of_range_or_twice_are_refused_before_any_work(
+  tmp_path, numbers, named
+):
+  """ILSVRC2012_val_00000000.JPEG would take image 50,000's label, a number given twice two
+  images one label, 00090000 none: each is a one-line error naming the files."""
+  make_archives(str(tmp_path / "m"), corrupt=False)
+  with tarfile.open(tmp_path / "m" / prepare_shards.VAL_TAR, "w") as val:
+    for k, number in enumerate(numbers):
+      add(val, f"ILSVRC2012_val_{number:08d}.JPEG", jpeg(1000 + k, size=(280, 300)))
+  with pytest.raises(UserInputError, match=named) as error:
+    prepare_shards.prepare(str(tmp_path / "m"), str(tmp_path / "out"), workers=1)
+  assert "\n" not in str(error.value) and "download it again" in str(error.value)
+  assert not os.path.exists(tmp_path / "out" / "train")
+
+
 def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch):
   make_archives(str(tmp_path / "m"), corrupt=False)
   monkeypatch.setattr(
@@ -239,6 +263,95 @@ def test_an_image_folder_tree_prepares_the_same_way(tmp_path):
   )
   assert info.classes == ("cat", "dog") and info.splits["train"].num_images == 6
   assert info.splits["val"].num_images == 2
+
+
+def make_tree(root, classes=("cat", "dog"), train_count=3) -> str:
+  for split, count in (("train", train_count), ("val", 1)):
+    for c in classes:
+      os.makedirs(os.path.join(root, split, c), exist_ok=True)
+      for i in range(count):
+        pathlib.Path(root, split, c, f"{i}.jpg").write_bytes(jpeg(i + len(c)))
+  return str(root)
+
+
+def mtimes(data_dir) -> dict[str, float]:
+  """Every file of data_dir and when it was last written."""
+  return {str(p): p.stat().st_mtime_ns for p in pathlib.Path(data_dir).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+  "change, named",
+  [
+    (
+      lambda tree: make_tree(tree, ("bird",)),
+      r"other classes \(new \['bird'\], gone \[\]\); files or file sizes\)",
+    ),
+    (lambda tree: make_tree(tree, ("dog",), train_count=4), "other files or file sizes"),
+    (
+      lambda tree: (tree / "train" / "cat" / "0.jpg").write_bytes(jpeg(7)),
+      "other files or file sizes",
+    ),
+    (None, r"other --quality \(90 then, 75 now\)"),
+  ],
+  ids=["class_added", "image_added", "image_replaced", "quality"],
+)
+def test_a_rerun_over_another_input_is_refused_and_touches_nothing(tmp_path, change, named):
+  """A class folder added would shift the labels of every later class while the finished
+  shards and statistics stay: a rerun whose input (classes, files and sizes, quality) is not
+  the one the shards came from is a one-line error, and nothing is written."""
+  tree, out = make_tree(tmp_path / "tree"), str(tmp_path / "out")
+  prepare_shards.prepare(tree, out, stats_images=4, workers=1)
+  before = mtimes(out)
+  if change:
+    change(tmp_path / "tree")
+  quality = 90 if change else 75
+  with pytest.raises(UserInputError, match=named) as error:
+    prepare_shards.prepare(tree, out, stats_images=4, quality=quality, workers=1)
+  assert "\n" not in str(error.value) and "fresh --data_dir" in str(error.value)
+  assert mtimes(out) == before
+
+
+def test_an_interrupted_prepare_is_not_read_and_is_finished_from_the_same_input(
+  tmp_path, monkeypatch
+):
+  """The input is recorded before the first shard: a rerun after a stop is checked as well,
+  and the readers refuse the unfinished data dir."""
+  tree, out = make_tree(tmp_path / "tree"), str(tmp_path / "out")
+  write_shard = prepare_shards.write_shard
+
+  def stopped_after_one(path, *args, **kwargs):
+    monkeypatch.setattr(prepare_shards, "write_shard", stopped)
+    return write_shard(path, *args, **kwargs)
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(prepare_shards, "write_shard", stopped_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    prepare_shards.prepare(tree, out, stats_images=4, workers=1)
+  with pytest.raises(UserInputError, match="has not finished writing"):
+    sources.read_prepared(out)
+  make_tree(tmp_path / "tree", ("ant",))
+  with pytest.raises(UserInputError, match=r"new \['ant'\]"):
+    prepare_shards.prepare(tree, out, stats_images=4, workers=1)
+  shutil.rmtree(tmp_path / "tree" / "train" / "ant")
+  shutil.rmtree(tmp_path / "tree" / "val" / "ant")
+  monkeypatch.undo()
+  info = prepare_shards.prepare(tree, out, stats_images=4, workers=1)
+  assert info.classes == ("cat", "dog") and info.splits["train"].num_images == 6
+
+
+def test_shards_without_a_record_of_their_input_are_refused(tmp_path):
+  tree, out = make_tree(tmp_path / "tree"), str(tmp_path / "out")
+  prepare_shards.prepare(tree, out, stats_images=4, workers=1)
+  info = json.loads((tmp_path / "out" / shard_format.INFO_FILE).read_text())
+  del info["origin"]  # as an older version wrote it
+  (tmp_path / "out" / shard_format.INFO_FILE).write_text(json.dumps(info))
+  with pytest.raises(UserInputError, match="older version that did not record its input"):
+    prepare_shards.prepare(tree, out, stats_images=4, workers=1)
+  os.remove(tmp_path / "out" / shard_format.INFO_FILE)
+  with pytest.raises(UserInputError, match="holds shards .* but no record of the input"):
+    prepare_shards.prepare(tree, out, stats_images=4, workers=1)
 
 
 def test_processes_read_disjoint_equal_shares_covering_the_split(prepared):

@@ -14,8 +14,8 @@ from conftest import add, jpeg, params_of, small_config
 
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import datasets, sources, tfds_source
-from alexnet_jax.data.batches import eval_batches, rescaled_sample, train_batches
-from alexnet_jax.data.stats import image_stats, load_stats, read_stats
+from alexnet_jax.data.batches import eval_batches, train_batches
+from alexnet_jax.data.stats import image_stats, load_stats, read_stats, write_stats
 from alexnet_jax.training import metrics, train
 
 # Two classes whose archives hold the files TFDS converts by name (CMYK JPEG, PNG), two more.
@@ -118,6 +118,28 @@ def test_tfds_records_give_the_batches_of_the_same_images_in_a_folder(tfds_dir, 
     np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
+def independent_stats(records: sources.Records, side: int) -> dict[str, np.ndarray]:
+  """The statistics of every training image, computed here without the code under test:
+  each record decoded, its shorter side resized to `side` and its central square taken, then
+  numpy's mean image and the eigen-decomposition of the covariance of all [0, 1] pixels."""
+  import tensorflow as tf
+
+  images = []
+  for i in range(len(records)):
+    example = tf.io.parse_single_example(
+      records.source[i], {"image": tf.io.FixedLenFeature([], tf.string)}
+    )
+    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+    h, w = image.shape[:2]
+    new = [max(side, round(h * side / min(h, w))), max(side, round(w * side / min(h, w)))]
+    image = tf.image.resize(image, new, method="bilinear", antialias=True).numpy()
+    top, left = (new[0] - side) // 2, (new[1] - side) // 2
+    images.append(np.clip(np.round(image[top : top + side, left : left + side]), 0, 255))
+  stack = np.stack(images).astype(np.float64)
+  eigval, eigvec = np.linalg.eigh(np.cov(stack.reshape(-1, 3).T / 255.0, bias=True))
+  return {"mean_image": stack.mean(0), "eigval": eigval[::-1], "eigvec": eigvec[:, ::-1]}
+
+
 def test_statistics_are_sampled_once_and_cached_beside_the_data(tfds_dir, tmp_path, monkeypatch):
   opened = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "")
   records, path = opened.train, opened.folder
@@ -125,15 +147,72 @@ def test_statistics_are_sampled_once_and_cached_beside_the_data(tfds_dir, tmp_pa
   assert folder.startswith(path)
   cached = read_stats(folder)
   assert cached.num_images == 22 and cached.mean_image.shape == (76, 76, 3)
-  expected = image_stats(rescaled_sample(records, 76, 50))
-  for key in ("mean_image", "eigval", "eigvec"):
-    np.testing.assert_array_equal(getattr(cached, key), getattr(expected, key))
+  expected = independent_stats(records, 76)
+  np.testing.assert_allclose(cached.mean_image, expected["mean_image"], atol=1e-3)
+  np.testing.assert_allclose(cached.eigval, expected["eigval"], rtol=1e-4)
+  signs = np.sign(np.sum(cached.eigvec * expected["eigvec"], axis=0))  # an eigenvector's sign
+  np.testing.assert_allclose(cached.eigvec * signs, expected["eigvec"], atol=1e-4)
 
   def recomputed(images):
     raise AssertionError("recomputed")
 
   monkeypatch.setattr(tfds_source, "image_stats", recomputed)
   assert tfds_source.stats_dir(records, path, str(tmp_path / "other"), 76, 50) == folder
+
+
+class FakeClient:
+  """jax.distributed's client as process 1 sees it: at the barrier process 0 has written the
+  statistics (`written`), or never arrives (`arrives=False`)."""
+
+  def __init__(self, written, arrives=True):
+    self.barriers, self._written, self._arrives = [], written, arrives
+
+  def wait_at_barrier(self, barrier_id, timeout_in_ms, process_ids=None):
+    self.barriers.append((barrier_id, timeout_in_ms))
+    if not self._arrives:
+      raise jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Barrier timed out.\nmore")
+    self._written()
+
+
+def as_process_1(monkeypatch, client) -> None:
+  from jax._src import distributed
+
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(distributed.global_state, "client", client)
+
+  def computed(images):
+    raise AssertionError("process 1 computed the statistics")
+
+  monkeypatch.setattr(tfds_source, "image_stats", computed)
+
+
+def test_only_process_0_computes_statistics_the_others_wait_and_read_them(
+  tfds_dir, tmp_path, monkeypatch
+):
+  records = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "").train
+  data_path, workdir = str(tmp_path / "data"), str(tmp_path / "work")
+  stats = image_stats([np.full((76, 76, 3), 7, np.uint8), np.zeros((76, 76, 3), np.uint8)])
+  written = os.path.join(data_path, "alexnet_jax_stats_train_76_50")
+
+  def process_0_writes():
+    os.makedirs(written)
+    write_stats(written, stats)
+
+  client = FakeClient(process_0_writes)
+  as_process_1(monkeypatch, client)
+  assert tfds_source.stats_dir(records, data_path, workdir, 76, 50) == written
+  assert len(client.barriers) == 1 and client.barriers[0][1] > 0  # a barrier with a limit
+
+
+def test_a_process_0_that_never_arrives_is_a_one_line_error_not_a_hang(
+  tfds_dir, tmp_path, monkeypatch
+):
+  records = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "").train
+  as_process_1(monkeypatch, FakeClient(lambda: None, arrives=False))
+  with pytest.raises(UserInputError, match=r"process 1 waited \d+ s .* statistics") as error:
+    tfds_source.stats_dir(records, str(tmp_path / "data"), str(tmp_path / "work"), 76, 50)
+  assert "\n" not in str(error.value)
 
 
 def test_mock_data_stands_in_for_a_dataset_never_built():

@@ -168,10 +168,15 @@ def test_ablations_change_the_net():
 
 
 def test_dropout_needs_an_rng_and_is_off_at_test_time():
+  """At test time the net is the one without dropout, whatever dropout rng it is handed (a
+  net that dropped units at eval would differ between rngs and from dropout_rate=0)."""
   model = AlexNet(num_classes=10)
   x = jax.random.normal(jax.random.key(2), (4, 67, 67, 3))
   v = {"params": random_params(model, 67)}
-  np.testing.assert_array_equal(apply(model, v, x), apply(model, v, x))
+  without = apply(AlexNet(num_classes=10, dropout_rate=0.0), v, x)
+  for key in (1, 2):
+    eval_mode = apply(model, v, x, rngs={"dropout": jax.random.key(key)})
+    np.testing.assert_array_equal(eval_mode, without)
   a = apply(model, v, x, train=True, rngs={"dropout": jax.random.key(1)})
   b = apply(model, v, x, train=True, rngs={"dropout": jax.random.key(2)})
   assert not np.allclose(a, b)

@@ -2,10 +2,13 @@
 metrics.jsonl (but images/s) and the same parameters, bit for bit, whatever the log,
 checkpoint and evaluation intervals, the plateau schedule's drops and the counters included.
 
-Preemption is simulated in-process at chosen steps (the watcher reports a SIGTERM there); the
-real signal's path is tests/system/test_faults.py's."""
+Preemption is simulated in-process at chosen steps (the watcher reports a SIGTERM there), or
+sent as a real signal to this process during an evaluation; a signal to a training process is
+tests/system/test_faults.py's."""
 
+import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -15,7 +18,7 @@ from conftest import params_of, small_config
 from alexnet_jax.data import sources
 from alexnet_jax.data.batches import train_batches
 from alexnet_jax.data.stats import load_stats
-from alexnet_jax.training import checkpoints, metrics, preemption, train
+from alexnet_jax.training import checkpoints, metrics, preemption, steps, train
 
 
 def preempt_at(monkeypatch, steps: set) -> None:
@@ -115,3 +118,40 @@ def test_counters_continue_across_a_resume(tmp_path, data_dir, monkeypatch):
   before = skipped(0, 2)
   assert before >= 1 and logged[2]["train/skipped_images"] == before
   assert logged[3]["train/skipped_images"] == before + skipped(2, 1)
+
+
+@pytest.mark.slow
+def test_a_sigterm_during_an_evaluation_saves_its_step_and_the_rerun_evaluates_it(
+  copy_run, data_dir, monkeypatch
+):
+  """Resumed from step 2 to 4, a real SIGTERM arrives during the first batch of step 4's
+  evaluation (two batches): the second is not run, step 4 is saved with its evaluation pending,
+  and the rerun evaluates it, once."""
+  workdir = copy_run()
+  config = small_config(data_dir, num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
+  batches = []
+  jit_steps = steps.jit_steps
+
+  def signalling(*args, **kwargs):
+    jitted = jit_steps(*args, **kwargs)
+
+    def evaluate(*inputs):
+      batches.append(len(batches))
+      if len(batches) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return jitted.evaluate(*inputs)
+
+    return jitted._replace(evaluate=evaluate)
+
+  with monkeypatch.context() as m:
+    m.setattr(steps, "jit_steps", signalling)
+    assert train.train_and_evaluate(config, workdir) == {}
+  assert batches == [0]
+  mgr = checkpoints.manager(workdir, 3)
+  assert mgr.all_steps() == [2, 4]
+  mgr.close()
+  assert [r["step"] for r in metrics.read_metrics(workdir) if "val/top1_error" in r] == [2]
+  train.train_and_evaluate(config, workdir)
+  records = metrics.read_metrics(workdir)
+  assert [r["step"] for r in records if "val/top1_error" in r] == [2, 4]
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]

@@ -210,3 +210,26 @@ def test_fine_tuning_trains_only_the_last_layer_and_resume_wins(tmp_path, monkey
   config.num_train_steps = 3
   train.train_and_evaluate(config, workdir)
   assert restore(workdir).step == 3
+
+
+def test_init_from_refuses_nonfinite_weights(tmp_path, fresh):
+  """A file or a checkpoint holding NaN or Inf: one line naming the tensors, before the run
+  starts."""
+  params = paper_params(67, num_classes=10, seed=3)
+  params["conv2"]["kernel"][0, 0, 0, 0, 0] = np.nan
+  config = quickstart.get_config()
+  config.init_from = str(tmp_path / "alexnet.npz")
+  readers.write_state_dict(layouts.to_torch_grouped(params), config.init_from)
+  with pytest.raises(UserInputError, match=r"NaN or Inf values in conv2.weight;"):
+    pretrained.init_params(config, fresh)
+  config.init_from = str(tmp_path / "run")
+  mgr = checkpoints.manager(config.init_from, 3)
+  checkpoints.save(mgr, 4, {"step": np.int32(4), "params": params})
+  mgr.wait_until_finished()
+  mgr.close()
+  with pytest.raises(
+    UserInputError,
+    match=r"^refusing checkpoint .*run/checkpoints/4: NaN or Inf values in "
+    r"conv2/kernel; take",
+  ):
+    pretrained.init_params(config, fresh)

@@ -58,6 +58,7 @@ def test_command_line_prints_one_line_errors(tmp_path):
   assert not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_convert_needs_only_the_package(tmp_path):
   """As installed: the package alone on the path (no configs/ beside it), run from elsewhere.
   The config written beside the weights comes from the package."""
@@ -122,3 +123,25 @@ def test_torchvision_and_caffe_files_import_with_their_configs(tmp_path, torchvi
   assert_trees_equal(
     jax.tree.map(np.asarray, state.params), layouts.from_caffe_npy(source, rgb=True)
   )
+
+
+def test_nonfinite_weights_are_neither_imported_nor_exported(tmp_path):
+  """NaN or Inf in a file to import, or in a checkpoint to export: one line naming the
+  tensors, and nothing written."""
+  params = paper_params(67, num_classes=3)
+  params["fc8"]["bias"][1] = np.inf
+  source, workdir = str(tmp_path / "alexnet.npz"), str(tmp_path / "converted")
+  readers.write_state_dict(layouts.to_torch_grouped(params), source)
+  with pytest.raises(UserInputError, match="NaN or Inf values in fc8.bias;"):
+    published.import_weights(source, workdir)
+  assert not os.path.exists(workdir)
+  mgr = checkpoints.manager(workdir, 3)
+  checkpoints.save(mgr, 2, {"step": np.int32(2), "params": params})
+  mgr.wait_until_finished()
+  mgr.close()
+  out = str(tmp_path / "back.npz")
+  with pytest.raises(
+    UserInputError, match="refusing checkpoint .*/2: NaN or Inf values in fc8/bias"
+  ):
+    published.export_weights(workdir, out)
+  assert not os.path.exists(out)

@@ -248,3 +248,24 @@ def test_grouped_export_gives_pytorchs_logits():
   with torch.no_grad():
     ref = grouped(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   assert_close(apply(AlexNet(num_classes=10), {"params": params}, x), ref, rtol=1e-4)
+
+
+def test_nonfinite_weights_are_refused_with_their_names(tmp_path, torchvision_sd):
+  """A diverged run's weights, in any layout: one line naming each bad tensor."""
+  sd = dict(torchvision_sd)
+  sd["features.3.weight"] = sd["features.3.weight"].copy()
+  sd["features.3.weight"][0, 0, 0, 0] = np.nan
+  sd["classifier.6.bias"] = np.full_like(sd["classifier.6.bias"], np.inf)
+  path = str(tmp_path / "diverged.npz")
+  np.savez(path, **sd)
+  with pytest.raises(
+    UserInputError,
+    match=r"^refusing the torchvision weights: NaN or Inf values in features.3.weight, "
+    r"classifier.6.bias; take the weights",
+  ):
+    layouts.read_pretrained(path)
+  layers = random_caffe(np.random.default_rng(6), side=1, num_classes=3)
+  layers["fc7"][1][2] = -np.inf
+  np.save(str(tmp_path / "bvlc_alexnet.npy"), layers, allow_pickle=True)
+  with pytest.raises(UserInputError, match="NaN or Inf values in fc7.biases;"):
+    layouts.read_pretrained(str(tmp_path / "bvlc_alexnet.npy"))

@@ -1,11 +1,14 @@
 """Weight files read and written safely: state dict files round trip, unknown and broken files
 are named, and nothing pickled in a file runs (Caffe's .npy, .npz, PyTorch's .pth)."""
 
+import io
 import os
+import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
-from conftest import Exploit, assert_trees_equal, need_torch
+from conftest import TORCHVISION_SHAPES, Exploit, assert_trees_equal, need_torch
 
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.weights import layouts, readers
@@ -78,3 +81,181 @@ def test_torch_pth_is_read_with_weights_only(tmp_path):
   with pytest.raises(UserInputError, match="weights_only=True"):
     readers.read_state_dict(path)
   assert not (tmp_path / "pwned").exists()
+
+
+# Files that declare more than they hold: refused at the cost of their headers.
+
+MB = 1 << 20
+
+
+class Peak:
+  """The most memory Python and numpy held at once inside `with Peak() as peak:` (tracemalloc
+  follows numpy's array data too), in bytes."""
+
+  def __enter__(self):
+    tracemalloc.start()
+    self.bytes = 0
+    return self
+
+  def __exit__(self, *exc):
+    self.bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+
+
+class Rebuilt:
+  """Pickles as numpy's rebuild of an array from `state` (version, shape, dtype, fortran,
+  data): whatever a crafted file declares."""
+
+  def __init__(self, state):
+    self.state = state
+
+  def __reduce__(self):
+    return np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+class Called:
+  """Pickles as a call of numpy's own `fn(*args)`: a global the Caffe reader allows by name."""
+
+  def __init__(self, fn, *args):
+    self.fn, self.args = fn, args
+
+  def __reduce__(self):
+    return self.fn, self.args
+
+
+def caffe_npy_of(path, pickled: bytes) -> str:
+  """A .npy whose header says Caffe's 0-d object array and whose body is `pickled`."""
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(header, {"descr": "|O", "fortran_order": False, "shape": ()})
+  with open(path, "wb") as f:
+    f.write(header.getvalue() + pickled)
+  return str(path)
+
+
+SLOTS = 1 << 24  # 128 MB of object pointers, 64 MB of float32, a 128 MB pickle memo
+
+
+@pytest.mark.parametrize(
+  "name, body",
+  [
+    ("object_array", lambda: [Rebuilt((1, (SLOTS,), np.dtype(object), False, []))]),
+    ("ndarray_call", lambda: [Called(np.ndarray, (SLOTS,), np.dtype("f4"))]),
+    ("memo_index", None),  # a 10-byte pickle that names memo slot 2**24
+  ],
+)
+def test_a_small_caffe_npy_cannot_make_us_allocate(tmp_path, name, body):
+  path = str(tmp_path / f"{name}.npy")
+  if body is None:
+    caffe_npy_of(path, b"\x80\x02Nr" + SLOTS.to_bytes(4, "little") + b".")
+  else:
+    np.save(path, {"conv1": body()}, allow_pickle=True)
+  assert os.path.getsize(path) < 400
+  with Peak() as peak, pytest.raises(UserInputError) as e:
+    readers.read_caffe_npy(path)
+  assert peak.bytes < 8 * MB, f"{peak.bytes / MB:.0f} MB allocated for {path}: {e.value}"
+  assert "\n" not in str(e.value)
+
+
+def test_a_caffe_npy_is_read_as_views_of_its_own_bytes(tmp_path):
+  """Arrays of Python 2's pickles (their data a str, read as latin1), in Fortran order; one
+  whose data is shorter than its shape and one of integers are refused."""
+  w = np.arange(6, dtype=np.float32).reshape(2, 3)
+  data = np.asfortranarray(w).tobytes(order="F").decode("latin1")
+  path = str(tmp_path / "py2.npy")
+  np.save(path, {"fc8": [Rebuilt((1, (2, 3), np.dtype("f4"), True, data))]}, allow_pickle=True)
+  np.testing.assert_array_equal(readers.read_caffe_npy(path)["fc8"][0], w)
+  np.save(path, {"fc8": [Rebuilt((1, (SLOTS,), np.dtype("f4"), False, b"\0" * 16))]}, True)
+  with pytest.raises(UserInputError, match=r"declares a \(16777216,\) float32 array .* holds 16"):
+    readers.read_caffe_npy(path)
+  np.save(path, {"fc8": [Rebuilt((1, (2,), np.dtype("i8"), False, b"\0" * 16))]}, True)
+  with pytest.raises(UserInputError, match=r"its pickle calls numpy.dtype\('i8'\)"):
+    readers.read_caffe_npy(path)
+
+
+def zeros_member(archive: zipfile.ZipFile, key: str, shape) -> None:
+  """A float32 .npy of zeros written into the archive in chunks: GBs declared, KBs stored."""
+  with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
+    np.lib.format.write_array_header_1_0(
+      f, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}
+    )
+    left, chunk = 4 * int(np.prod(shape)), bytes(4 * MB)
+    while left:
+      f.write(chunk[: min(left, len(chunk))])
+      left -= min(left, len(chunk))
+
+
+def test_an_npz_is_checked_against_the_layout_before_any_member_is_inflated(tmp_path):
+  """A 200 KB torchvision .npz whose classifier.4.weight declares 128 MB of zeros."""
+  path = str(tmp_path / "alexnet.npz")
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+    for key, shape in TORCHVISION_SHAPES.items():
+      zeros_member(archive, key, (8192, 4096) if key == "classifier.4.weight" else shape[:1])
+  assert os.path.getsize(path) < 1 * MB
+  with Peak() as peak, pytest.raises(UserInputError) as e:
+    layouts.read_pretrained(path)
+  assert peak.bytes < 8 * MB, f"{peak.bytes / MB:.0f} MB allocated before: {e.value}"
+  assert r"classifier.4.weight (8192, 4096) (expected (4096, 4096))" in str(e.value)
+
+
+def test_an_npz_member_declaring_more_than_the_zip_holds_is_refused_unallocated(tmp_path):
+  path = str(tmp_path / "damaged.npz")
+  with zipfile.ZipFile(path, "w") as archive:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+      header, {"descr": "<f4", "fortran_order": False, "shape": (SLOTS,)}
+    )
+    archive.writestr("features.0.weight.npy", header.getvalue() + b"\0" * 16)
+  with Peak() as peak, pytest.raises(UserInputError, match="is damaged: features.0.weight.npy"):
+    readers.read_state_dict(path)
+  assert peak.bytes < 8 * MB
+
+
+@pytest.mark.parametrize("kind", ["float_npy", "object_npy", "text"])
+def test_an_npz_that_is_no_zip_is_named_without_inviting_pickle(tmp_path, kind):
+  """numpy's own messages for these suggest allow_pickle=True: loading code from the file."""
+  path = str(tmp_path / "alexnet.npz")
+  if kind == "text":
+    open(path, "w").write("not weights\n")
+  else:
+    value = np.zeros(3) if kind == "float_npy" else np.array([{"a": 1}], dtype=object)
+    with open(path, "wb") as f:
+      np.save(f, value, allow_pickle=True)
+  with pytest.raises(UserInputError) as e:
+    layouts.read_pretrained(path)
+  message = str(e.value)
+  assert "not a zip archive" in message and "pickle" not in message and "\n" not in message
+
+
+def test_safetensors_headers_are_checked_before_any_tensor_is_loaded(tmp_path, monkeypatch):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  path = str(tmp_path / "alexnet.safetensors")
+  shapes = dict(TORCHVISION_SHAPES) | {"classifier.1.weight": (4096, 4)}
+  safetensors_numpy.save_file({k: np.zeros(s[:2], np.float32) for k, s in shapes.items()}, path)
+  load_file = safetensors_numpy.load_file
+
+  def loaded_first(*_):
+    pytest.fail("loaded before the layout was checked")
+
+  monkeypatch.setattr(safetensors_numpy, "load_file", loaded_first)
+  with pytest.raises(UserInputError, match=r"classifier.1.weight \(4096, 4\) \(expected"):
+    layouts.read_pretrained(path)
+  monkeypatch.setattr(safetensors_numpy, "load_file", load_file)
+  declared = {}
+  readers.read_state_dict(path, declared.update)  # what the check is shown: the header's
+  assert declared["classifier.1.weight"] == readers.Declared((4096, 4), "float32")
+
+
+def test_pth_shapes_are_checked_before_any_tensor_is_copied(tmp_path, monkeypatch):
+  """torch.load maps the file (mmap=True): the tensors' data is not read until the layout
+  check passes. torch itself refuses a storage larger than its record in the file."""
+  torch = need_torch()
+  path = str(tmp_path / "alexnet.pth")
+  shapes = dict(TORCHVISION_SHAPES) | {"classifier.1.weight": (4096, 4)}
+  torch.save({k: torch.zeros(s[:2]) for k, s in shapes.items()}, path)
+
+  def copied(*_):
+    pytest.fail("copied before the layout was checked")
+
+  monkeypatch.setattr(torch.Tensor, "numpy", copied)
+  with pytest.raises(UserInputError, match=r"classifier.1.weight \(4096, 4\) \(expected"):
+    layouts.read_pretrained(path)
