@@ -32,9 +32,21 @@ from alexnet_jax.weights.readers import write_state_dict
 
 def import_weights(source: str, workdir: str, fmt: str | None = None) -> None:
   """Writes `source`'s weights as a step-0 checkpoint in workdir, as training writes them
-  (a TrainState with fresh optimizer state) with the config they run with beside it
-  (`recipes.published`: configs/torchvision_alexnet.py's, caffe_alexnet.py's, or default.py's
-  for the grouped paper net): `--mode=eval`, extraction and training take workdir as any run's."""
+  (a TrainState with fresh optimizer state), with the config they run with beside it:
+  `--mode=eval`, extraction and training take workdir as any run's.
+
+  Args:
+    source: a weights file: torchvision's or the grouped PyTorch layout (.pth, .pt,
+      .safetensors, .npz) or Caffe's bvlc_alexnet .npy; checked from its headers against the
+      layout, NaN/Inf refused, before anything is written.
+    workdir: a fresh folder for the checkpoint and config.json (refused if it holds one).
+    fmt: the layout the file must hold ("torchvision", "torch_grouped", "caffe"); default
+      found from the file.
+
+  Returns:
+    None; the config written is `recipes.published(format)` (configs/torchvision_alexnet.py,
+    caffe_alexnet.py, or default.py for the grouped paper net) with the file's class count.
+  """
   workdir = os.path.abspath(workdir)  # orbax writes to absolute paths only
   params, found = read_pretrained(source)
   if fmt not in (None, found):

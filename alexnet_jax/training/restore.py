@@ -34,11 +34,18 @@ class Restored:
 def restore(
   workdir: str, step: int | None = None, mesh: Mesh | None = None, variant: str | None = None
 ) -> Restored:
-  """The checkpoint at `step` (default: the latest good one; a later damaged one is named in a
-  warning, `checkpoints.read_params`) of the run in workdir.
+  """A trained net's parameters, placed on a mesh, with the model and config that use them.
 
-  mesh: where to place the parameters (default: every device, data-parallel). variant:
-  when given, the run must have trained that variant.
+  Args:
+    workdir: a run's folder (its checkpoints/ and config.json), or its checkpoints/ folder.
+    step: the checkpoint's step; default the latest good one (a later damaged one is named
+      in a warning and skipped, `checkpoints.read_params`). A damaged step asked for is an
+      error, never another step.
+    mesh: where to place the parameters (default: every device, data-parallel).
+    variant: when given, the run must have trained that variant.
+
+  Returns:
+    Restored(config, model, params, step, mesh): `model.apply({"params": params}, x)`.
   """
   ckpt_dir, _ = checkpoints.locate(workdir)
   config = checkpoints.load_config(os.path.dirname(ckpt_dir))
