@@ -124,7 +124,12 @@ def _differences(old: Any, new: Any, key: str) -> list[Change]:
   (the run that wrote it had no such setting)."""
   if isinstance(old, dict) and isinstance(new, dict):
     return [c for k in new if k in old for c in _differences(old[k], new[k], f"{key}.{k}")]
-  return [] if old == new else [Change(key, old, new)]
+  return [] if _same(old, new) else [Change(key, old, new)]
+
+
+def _same(old: Any, new: Any) -> bool:
+  """Equal values, NaNs included (a NaN setting, as tests use, is not a change)."""
+  return old == new or json.dumps(old) == json.dumps(new)
 
 
 def compare(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> Changes:

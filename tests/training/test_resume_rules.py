@@ -100,6 +100,12 @@ def test_a_setting_of_when_and_where_may_change_on_resume(tmp_path, key):
   checkpoints.check_resumable(str(tmp_path), _quickstart(**{key: APPLIED[key]}))
 
 
+def test_the_same_nan_setting_is_no_change(tmp_path):
+  """NaN != NaN, yet a config that holds one resumes (tests poison the mean with NaN)."""
+  checkpoints.save_config(str(tmp_path), _quickstart(channel_mean=(float("nan"),) * 3))
+  checkpoints.check_resumable(str(tmp_path), _quickstart(channel_mean=(float("nan"),) * 3))
+
+
 @pytest.mark.parametrize("schedule", ["constant", "piecewise", "plateau"])
 def test_a_schedule_that_allows_it_resumes_with_more_steps(tmp_path, schedule):
   checkpoints.save_config(str(tmp_path), _quickstart(lr_schedule=schedule))
