@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.training.config_check import same_setting
 
 if TYPE_CHECKING:  # imported by main before JAX's distributed start: no TensorFlow yet
   from alexnet_jax.data.datasets import Data
@@ -80,7 +81,7 @@ def differences(mine: dict[str, Any], lead: dict[str, Any]) -> list[str]:
   return [
     f"{key}={_short(mine.get(key, missing))} (process 0: {_short(lead.get(key, missing))})"
     for key in sorted(mine.keys() | lead.keys())
-    if mine.get(key, missing) != lead.get(key, missing)
+    if not same_setting(mine.get(key, missing), lead.get(key, missing))
   ]
 
 

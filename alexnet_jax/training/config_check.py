@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -15,6 +17,12 @@ from alexnet_jax.training import builders, optim
 from alexnet_jax.weights.readers import SUFFIXES
 
 DTYPES = ("float32", "bfloat16")
+
+
+def same_setting(a: Any, b: Any) -> bool:
+  """Whether two values of a setting are equal as config.json reads them back: tuples and
+  lists alike, and NaN equal to NaN (tests poison a run with a NaN mean; NaN != NaN)."""
+  return a == b or json.dumps(a, default=repr) == json.dumps(b, default=repr)
 
 
 def check_config(

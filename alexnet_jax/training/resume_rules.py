@@ -21,6 +21,7 @@ import ml_collections
 from alexnet_jax.core import files
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.training import class_names
+from alexnet_jax.training.config_check import same_setting
 
 DATA_FILE = "data.json"  # the sizes of the data a run trains on, to know it when it moves
 
@@ -124,12 +125,7 @@ def _differences(old: Any, new: Any, key: str) -> list[Change]:
   (the run that wrote it had no such setting)."""
   if isinstance(old, dict) and isinstance(new, dict):
     return [c for k in new if k in old for c in _differences(old[k], new[k], f"{key}.{k}")]
-  return [] if _same(old, new) else [Change(key, old, new)]
-
-
-def _same(old: Any, new: Any) -> bool:
-  """Equal values, NaNs included (a NaN setting, as tests use, is not a change)."""
-  return old == new or json.dumps(old) == json.dumps(new)
+  return [] if same_setting(old, new) else [Change(key, old, new)]
 
 
 def compare(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> Changes:
