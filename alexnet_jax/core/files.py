@@ -3,7 +3,11 @@ the final name (a workdir that cannot resume, features that cannot be read).
 
 Storage may be shared between hosts (NFS, a bucket mounted as a folder), where two processes
 in two containers can both be pid 1: a temporary name holds the host, the pid and random
-bits, so concurrent writers of one file never write into each other's temporary file."""
+bits, so concurrent writers of one file never write into each other's temporary file.
+
+In a bucket (gs://) there is no rename: the file is written to a local temporary file and
+uploaded in one request, and an object store makes an object visible only once its upload
+is complete, so readers again see the old object or the new one, never a part."""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ import os
 import re
 import secrets
 import socket
+import tempfile
 from typing import Iterator
+
+from alexnet_jax.core import storage
 
 
 def temporary_name(path: str) -> str:
@@ -44,7 +51,12 @@ def _fsync_directory(directory: str) -> None:
 def atomic_path(path: str) -> Iterator[str]:
   """A temporary name beside `path` (`temporary_name`) to write to; flushed to disk, renamed
   to `path` and the rename synced when the block ends, removed if it raises. The rename is
-  atomic on POSIX file systems: readers see the old file or the new one, never a mix."""
+  atomic on POSIX file systems: readers see the old file or the new one, never a mix. For a
+  remote `path`, the temporary file is local and is uploaded whole when the block ends."""
+  if storage.is_remote(path):
+    with _uploaded(path) as tmp:
+      yield tmp
+    return
   tmp = temporary_name(path)
   try:
     yield tmp
@@ -55,6 +67,28 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _uploaded(path: str) -> Iterator[str]:
+  with tempfile.TemporaryDirectory(prefix="alexnet_jax_upload_") as folder:
+    tmp = os.path.join(folder, os.path.basename(os.fspath(path)))
+    yield tmp
+    upload(tmp, path)
+
+
+def upload(local: str, remote: str) -> None:
+  """Copies a local file to `remote` in one upload: an object appears whole or not at all (an
+  upload cut short is never finalised)."""
+  fs, name = storage.filesystem(remote)
+  fs.put_file(local, name)
+
+
+def download(remote: str, local: str) -> None:
+  """Copies `remote` to the local path `local`, whole or not at all (`atomic_path`)."""
+  fs, name = storage.filesystem(remote)
+  with atomic_path(local) as tmp:
+    fs.get_file(name, tmp)
 
 
 def write_text(path: str, text: str) -> None:

@@ -8,6 +8,12 @@ later), so of two runs starting together exactly one gets it. It is removed when
 ends. One left by a process that died on this host (its pid gone, or reused by a process that
 started at another time or before a reboot) is taken over with a warning; one of another host
 cannot be checked from here, so the error says how to remove it if that run is gone.
+
+In a bucket (gs://) the lock is created with the store's create-if-absent (GCS: a write that
+succeeds only if no object has the name), atomic like O_EXCL. A bucket has no rename: a stale
+lock there is deleted and created anew, and two runs taking over one stale lock in the same
+second could both succeed; stale locks are those of dead processes of this host, so that
+needs two runs started together on one host after a crash.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Callable
 
 from absl import logging
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 
 LOCK_FILE = "alexnet_jax.lock"
@@ -90,8 +97,7 @@ def _is_stale(owner: dict) -> bool:
 def _read(path: str) -> dict | None:
   """The owner a lock file names; {} if unreadable (being written, or damaged); None if gone."""
   try:
-    with open(path) as f:
-      owner = json.load(f)
+    owner = json.loads(storage.path(path).read_text())
   except FileNotFoundError:
     return None
   except (OSError, ValueError):
@@ -101,6 +107,13 @@ def _read(path: str) -> dict | None:
 
 def _create(path: str, owner: dict) -> bool:
   """Creates the lock file naming `owner`; False if it exists (O_EXCL: one creator wins)."""
+  if storage.is_remote(path):
+    fs, name = storage.filesystem(path)
+    try:
+      fs.pipe_file(name, json.dumps(owner).encode(), mode="create")
+    except FileExistsError:
+      return False
+    return True
   try:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:
@@ -115,7 +128,12 @@ def _create(path: str, owner: dict) -> bool:
 
 def _take_over(path: str, stale: dict) -> None:
   """Removes a stale lock, unless another run replaced it meanwhile: it is renamed to a name of
-  our own first (atomic), and put back if it is no longer the stale one."""
+  our own first (atomic), and put back if it is no longer the stale one. A bucket cannot
+  rename: there the stale lock is deleted if it still names the stale owner."""
+  if storage.is_remote(path):
+    if _read(path) == stale:
+      storage.path(path).unlink(missing_ok=True)
+    return
   aside = f"{path}.stale.{socket.gethostname()}.{os.getpid()}.{os.urandom(4).hex()}"
   try:
     os.rename(path, aside)
@@ -151,7 +169,7 @@ class Lock:
         return
       del _HELD[self.path]
     if _read(self.path) == self.owner:  # never another run's lock that replaced ours
-      os.remove(self.path)
+      storage.path(self.path).unlink(missing_ok=True)
 
   def __enter__(self) -> "Lock":
     return self
@@ -175,14 +193,14 @@ def take(folder: str, what: str, hint: str) -> Lock:
   Raises:
     UserInputError: another live process (or another host's) holds the folder.
   """
-  folder = os.path.abspath(folder)
-  path = os.path.join(folder, LOCK_FILE)
+  folder = storage.absolute(folder)
+  path = storage.join(folder, LOCK_FILE)
   with _GUARD:
     held = _HELD.get(path)
     if held is not None and held.owner.get("thread") == threading.get_ident():
       held._depth += 1
       return held
-  os.makedirs(folder, exist_ok=True)
+  storage.path(folder).mkdir(parents=True, exist_ok=True)
   me = _me() | {"thread": threading.get_ident()}
   owner = {}
   for attempt in range(3):  # after a stale lock's take-over, or one that vanished or was empty
