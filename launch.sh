@@ -6,10 +6,12 @@
 #   srun ./launch.sh --config=... --workdir=DIR                         # SLURM: JAX finds its peers
 #
 # On one machine, N processes join JAX's distributed runtime with the coordinator on
-# 127.0.0.1:$COORDINATOR_PORT (CPU collectives through gloo). For simulated CPU devices per
-# process set XLA_FLAGS=--xla_force_host_platform_device_count=K. On a cluster, set
-# JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID per process, or run under
-# SLURM or on a TPU pod, and start one copy of this script per host with NUM_PROCESSES unset.
+# 127.0.0.1:$COORDINATOR_PORT (CPU collectives through gloo), told by JAX_COORDINATOR_ADDRESS,
+# JAX_NUM_PROCESSES and JAX_PROCESS_ID. For simulated CPU devices per process set
+# XLA_FLAGS=--xla_force_host_platform_device_count=K. On a cluster start one copy of this
+# script per process with NUM_PROCESSES unset (srun, mpirun, every host of a TPU pod): JAX's
+# cluster detection finds the others, or set the three JAX_* variables per process
+# (docs/clusters.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 n="${NUM_PROCESSES:-1}"

@@ -5,6 +5,7 @@ Everything in the environment is set before JAX is imported, so that subprocesse
 notebook kernels the tests start inherit it.
 """
 
+import collections
 import importlib
 import io
 import os
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"  # shared by xdist workers
 _CACHE = os.path.join(tempfile.gettempdir(), f"alexnet_jax_tests_{_RUN}", "jax_cache")
@@ -437,6 +439,9 @@ def gcs():
 
   server = FakeGCSServer()
   server.start()  # sets STORAGE_EMULATOR_HOST
+  # The server logs every request to a pipe nobody reads: once ~64 KB fill it, the server
+  # blocks and every client waits. Read it away.
+  threading.Thread(target=collections.deque, args=(server._process.stderr, 0), daemon=True).start()
   host = os.environ["STORAGE_EMULATOR_HOST"]
   # What core.storage sets when it is imported with STORAGE_EMULATOR_HOST already there.
   os.environ["TENSORSTORE_GCS_HTTP_URL"] = host

@@ -40,6 +40,8 @@ def create_optimizer(
     total_steps,
     tuple(config.lr_boundaries_epochs),
     config.lr_decay_factor,
+    config.get("warmup_epochs", 0.0),  # workdirs from before warmup have none
+    config.get("warmup_start_factor", 1.0),
   )
   return optim.paper_sgd(
     schedule,

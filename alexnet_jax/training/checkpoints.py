@@ -1,11 +1,13 @@
 """Orbax checkpoints in WORKDIR/checkpoints and the config saved beside them: the one module
 that opens a checkpoint manager, chooses a step and restores.
 
-Saves are atomic (orbax writes to a temporary folder and renames it), so a finished
-checkpoint is never replaced by a half-written one. The latest few are kept, and the
-best by validation top-1 error. Each save records a checksum of every array
-(`alexnet_jax.training.checksums`), and every restore compares them: a damaged checkpoint
-is never used; without a step asked for, the latest good one is, with a warning.
+Saves are atomic, so a finished checkpoint is never replaced by a half-written one: orbax
+writes to a temporary folder and renames it, or in a bucket (gs://, no rename) writes the
+step's folder and last its commit_success.txt, without which it is no step. The latest few
+are kept, and the best by validation top-1 error. Each save records a checksum of every
+array (`alexnet_jax.training.checksums`) in the step's orbax metadata, and every restore
+compares them: a damaged checkpoint is never used; without a step asked for, the latest
+good one is, with a warning.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
-from alexnet_jax.core import files
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import sync
 from alexnet_jax.training import checksums, resume_rules
@@ -46,7 +48,7 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     ]
   )
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+  return ocp.CheckpointManager(storage.join(workdir, "checkpoints"), options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None = None) -> None:
@@ -63,11 +65,11 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None
 def locate(path: str) -> tuple[str, int | None]:
   """(checkpoints folder, step or None) of a workdir, its checkpoints/ folder or one step's
   folder (checkpoints/<step>)."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = storage.absolute(path)
+  if not storage.path(path).is_dir():
     raise UserInputError(f"{path} does not exist: pass the workdir of a run")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None
+  if storage.path(path).joinpath("checkpoints").is_dir():
+    return storage.join(path, "checkpoints"), None
   if os.path.basename(path) == "checkpoints":
     return path, None
   parent, name = os.path.split(path)
@@ -172,21 +174,36 @@ def _set_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
   """Moves damaged steps out of the checkpoints folder (kept to inspect, never resumed), so
   that the resumed run saves those steps afresh. Every process names the places before
   process 0 moves them: all log the same names."""
-  workdir = os.path.dirname(str(mgr.directory))
+  directory = os.fspath(mgr.directory)
+  workdir = os.path.dirname(directory)
   targets = []
   for step in steps:
-    target = os.path.join(workdir, DAMAGED_DIR, str(step))
-    while os.path.exists(target):
+    target = storage.join(workdir, DAMAGED_DIR, str(step))
+    while storage.path(target).exists():
       target += "+"
     targets.append(target)
   sync.barrier("naming damaged checkpoints")
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, DAMAGED_DIR), exist_ok=True)
+    storage.path(workdir).joinpath(DAMAGED_DIR).mkdir(parents=True, exist_ok=True)
     for step, target in zip(steps, targets):
-      os.rename(os.path.join(str(mgr.directory), str(step)), target)
+      _move(storage.join(directory, str(step)), target)
   sync.barrier("setting damaged checkpoints aside")
   mgr.reload()
   return targets
+
+
+def _move(folder: str, target: str) -> None:
+  """Renames a step's folder. A bucket has no rename: its objects are copied to `target`,
+  then the step's commit marker is deleted (from then on orbax counts no step there), then
+  the rest. A run killed before the marker goes finds the step damaged again and copies it
+  again (to target+); one killed after leaves an unfinished step, which orbax overwrites."""
+  if not storage.is_remote(folder):
+    os.rename(folder, target)
+    return
+  fs, name = storage.filesystem(folder)
+  fs.copy(name, storage.filesystem(target)[1], recursive=True)
+  fs.rm_file(f"{name}/{ocp.path.atomicity.COMMIT_SUCCESS_FILE}")
+  fs.rm(name, recursive=True)
 
 
 def restore(
@@ -205,7 +222,7 @@ def restore(
     except ValueError as e:
       if "tree structures do not match" not in str(e):
         raise
-      workdir = os.path.dirname(str(mgr.directory))
+      workdir = os.path.dirname(os.fspath(mgr.directory))
       raise UserInputError(
         f"{mgr.directory}/{s} holds a training state of another alexnet_jax version (its "
         "fields differ from this one's), so it cannot be resumed: train in a fresh --workdir "
@@ -269,24 +286,22 @@ def read_params(path: str, step: int | None = None, target: Any = None) -> tuple
 def save_config(workdir: str, config: ml_collections.ConfigDict, step: int = 0) -> None:
   """Writes config.json; a resumed run (at `step`) that changed settings keeps the previous
   config as config.<step>.json beside it, so every value a step was trained with is known."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = storage.join(workdir, CONFIG_FILE)
   text = config.to_json_best_effort(indent=2)
-  kept = os.path.join(workdir, f"config.{step}.json")
+  kept = storage.join(workdir, f"config.{step}.json")
   # Not at step 0, nor over a kept one: a rerun from that step kept nothing of the runs between.
-  if step and os.path.exists(path) and not os.path.exists(kept):
-    with open(path) as f:
-      previous = f.read()
+  if step and storage.path(path).exists() and not storage.path(kept).exists():
+    previous = storage.path(path).read_text()
     if previous != text:
       files.write_text(kept, previous)
   files.write_text(path, text)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict | None:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir).joinpath(CONFIG_FILE)
+  if not path.exists():
     return None
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:

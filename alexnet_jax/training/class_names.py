@@ -4,22 +4,20 @@ extraction and reports name predictions without opening (or generating) the data
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
-from alexnet_jax.core import files
+from alexnet_jax.core import files, storage
 
 FILE = "classes.json"
 
 
 def write(workdir: str, classes: Sequence[str]) -> None:
-  files.write_text(os.path.join(workdir, FILE), json.dumps(list(classes), indent=0) + "\n")
+  files.write_text(storage.join(workdir, FILE), json.dumps(list(classes), indent=0) + "\n")
 
 
 def read(workdir: str) -> tuple[str, ...] | None:
   """The run's class names, or None for a run that did not record them."""
-  path = os.path.join(workdir, FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir).joinpath(FILE)
+  if not path.exists():
     return None
-  with open(path) as f:
-    return tuple(json.load(f))
+  return tuple(json.loads(path.read_text()))

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data.dataset_names import DATASETS, tfds_name
 from alexnet_jax.model.alexnet import LAYERS, check_model_axis, feature_sides, pool_geometry
@@ -98,6 +99,20 @@ def check_config(
     bad(f"eval_crops={config.eval_crops}; use 1 (centre crop) or 10 (the paper's ten patches)")
   if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
     bad(f"learning_rate={config.learning_rate} must be a positive finite number")
+  warmup, boundaries = config.get("warmup_epochs", 0.0), tuple(config.lr_boundaries_epochs)
+  first_drop = min(boundaries) if config.lr_schedule == "piecewise" and boundaries else math.inf
+  if not 0 <= warmup < first_drop:
+    bad(
+      f"warmup_epochs={warmup} must be >= 0 and less than the first rate drop "
+      f"(lr_boundaries_epochs={boundaries})"
+    )
+  if warmup and config.lr_schedule == "plateau":
+    bad(
+      "warmup_epochs needs a schedule, not lr_schedule='plateau' (the loop lowers that rate); "
+      "set --config.warmup_epochs=0 or another --config.lr_schedule"
+    )
+  if not 0 <= config.get("warmup_start_factor", 1.0) <= 1:
+    bad(f"warmup_start_factor={config.warmup_start_factor} must be in [0, 1] (Goyal et al.: 1/k)")
   if not 0 <= config.momentum < 1:
     bad(f"momentum={config.momentum} must be in [0, 1)")
   if config.pca_noise_std < 0:
@@ -124,12 +139,13 @@ def check_config(
       f"{len(LAYERS)}; 1 trains fc8 only"
     )
   source = config.init_from
-  if source and not os.path.exists(source):
+  if source and not storage.path(source).exists():
     bad(
       f"init_from={source!r} does not exist; "
       f"give a workdir of ours or a weights file ({', '.join(SUFFIXES)})"
     )
-  if source and not os.path.isdir(source) and os.path.splitext(source)[1].lower() not in SUFFIXES:
+  suffix = os.path.splitext(source)[1].lower()
+  if source and not storage.path(source).is_dir() and suffix not in SUFFIXES:
     bad(
       f"init_from={source!r}: unknown weights format; "
       f"use a workdir of ours or a {', '.join(SUFFIXES)} file"

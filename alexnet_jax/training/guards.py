@@ -7,13 +7,14 @@ import contextlib
 import errno
 import functools
 import os
+import tempfile
 from typing import Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 
-from alexnet_jax.core import locks
+from alexnet_jax.core import locks, storage
 from alexnet_jax.core.errors import UserInputError
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as orbax quotes it too
@@ -49,13 +50,19 @@ def owning_workdir(job: Callable) -> Callable:
 def full_disk_is_an_error(workdir: str) -> Iterator[None]:
   """A write that fails for lack of space (an OSError, or orbax's error quoting it) as one line.
   The checkpoints finished before stay good: orbax renames a checkpoint into place only once
-  it is whole, and a resume drops a metrics line torn by the full disk."""
+  it is whole, and a resume drops a metrics line torn by the full disk.
+
+  A bucket is never full: there only the local disk of the temporary files that are uploaded
+  whole (metrics, TensorBoard events, configs) can be, and the line names that one."""
   try:
     yield
   except Exception as e:
     if getattr(e, "errno", None) != errno.ENOSPC and NO_SPACE not in str(e):
       raise
+    disk = f"the disk holding {workdir}"
+    if storage.is_remote(workdir):
+      disk = f"the local disk of temporary files ({tempfile.gettempdir()}, TMPDIR)"
     raise UserInputError(
-      f"the disk holding {workdir} is full ({NO_SPACE}); the last finished checkpoint is kept: "
+      f"{disk} is full ({NO_SPACE}); the last finished checkpoint is kept: "
       "free some space there and rerun the same command"
     ) from None

@@ -77,8 +77,41 @@ def make_schedule(
   total_steps: int,
   boundaries_epochs: tuple = (),
   factor: float = 0.1,
+  warmup_epochs: float = 0.0,
+  warmup_start_factor: float = 1.0,
 ) -> float | Callable[[Any], Any]:
-  """A step -> rate schedule; 'plateau' gives a constant rate that the train loop lowers."""
+  """A step -> rate schedule; 'plateau' gives a constant rate that the train loop lowers.
+
+  `warmup_epochs` > 0 is Goyal et al. 2017's gradual warmup: the rate rises linearly, step by
+  step, from `warmup_start_factor * base_lr` (their 1/k for a k-fold batch) to `base_lr`, then
+  the schedule goes on as without it: its drops stay where they were (the warmup replaces the
+  schedule's first steps instead of delaying it). Plateau is refused: its rate lives in the
+  optimizer state, where the loop lowers it, and a schedule would overwrite it every step.
+  """
+  schedule = _schedule(name, base_lr, steps_per_epoch, total_steps, boundaries_epochs, factor)
+  warmup_steps = int(warmup_epochs * steps_per_epoch)
+  if warmup_steps <= 0:
+    return schedule
+  if name == "plateau":
+    raise ValueError("a warmup does not work with lr_schedule 'plateau'")
+  after = schedule if callable(schedule) else optax.constant_schedule(schedule)
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(warmup_start_factor * base_lr, base_lr, warmup_steps),
+      lambda step: after(step + warmup_steps),  # join_schedules counts from the boundary
+    ],
+    [warmup_steps],
+  )
+
+
+def _schedule(
+  name: str,
+  base_lr: float,
+  steps_per_epoch: int,
+  total_steps: int,
+  boundaries_epochs: tuple,
+  factor: float,
+) -> float | Callable[[Any], Any]:
   if name == "piecewise":
     return optax.piecewise_constant_schedule(
       base_lr, {int(e * steps_per_epoch): factor for e in boundaries_epochs}

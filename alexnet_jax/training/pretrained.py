@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.model import settings
 from alexnet_jax.training import checkpoints, recipes
@@ -26,11 +27,11 @@ from alexnet_jax.weights import layouts
 
 def load(source: str) -> tuple[layouts.Params, dict, str]:
   """(parameters, the config.model settings they were trained with, a description)."""
-  if os.path.isdir(source):
+  if storage.path(source).is_dir():
     params, step, ckpt_dir = checkpoints.read_params(source)
     saved = checkpoints.load_config(os.path.dirname(ckpt_dir))
     model = {} if saved is None else saved.model.to_dict()
-    what = f"checkpoint {os.path.join(ckpt_dir, str(step))}"
+    what = f"checkpoint {storage.join(ckpt_dir, str(step))}"
     layouts.check_finite(named_tensors(params), what)
     return params, model, what
   params, fmt = layouts.read_pretrained(source)  # refuses NaN and Inf itself

@@ -10,12 +10,12 @@ format's weights run with training/recipes.py's.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.model import sharding
 from alexnet_jax.model.alexnet import feature_sides, make_arch, pool_geometry
@@ -47,11 +47,11 @@ def import_weights(source: str, workdir: str, fmt: str | None = None) -> None:
     None; the config written is `recipes.published(format)` (configs/torchvision_alexnet.py,
     caffe_alexnet.py, or default.py for the grouped paper net) with the file's class count.
   """
-  workdir = os.path.abspath(workdir)  # orbax writes to absolute paths only
+  workdir = storage.absolute(workdir)  # orbax writes to absolute paths only
   params, found = read_pretrained(source)
   if fmt not in (None, found):
     raise UserInputError(f"{source} holds {found} weights, not --format={fmt}")
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if storage.path(workdir).joinpath("checkpoints").is_dir():
     raise UserInputError(f"{workdir} already holds checkpoints; pass a fresh --output")
   config = recipes.published(found)
   config.num_classes = int(params["fc8"]["bias"].shape[0])
@@ -63,7 +63,7 @@ def import_weights(source: str, workdir: str, fmt: str | None = None) -> None:
       fan_in // (towers * params["conv5"]["kernel"].shape[-1]),
       config.image_size,
     )
-  config.init_from = os.path.abspath(source)  # where the weights came from
+  config.init_from = storage.absolute(source)  # where the weights came from
   mesh = sharding.make_mesh(config.model_parallelism)
   state, _ = builders.initial_state(
     builders.create_model(config, mesh),
@@ -96,7 +96,7 @@ def export_weights(source: str, path: str, fmt: str | None = None, step: int | N
   PyTorch state dict: "torchvision" (undoing TORCHVISION_STD, so the net takes
   torchvision's normalised input) or "torch_grouped". Returns the format written."""
   params, step, ckpt_dir = checkpoints.read_params(source, step)
-  check_finite(pretrained.named_tensors(params), f"checkpoint {os.path.join(ckpt_dir, str(step))}")
+  check_finite(pretrained.named_tensors(params), f"checkpoint {storage.join(ckpt_dir, str(step))}")
   fmt = fmt or ("torchvision" if np.shape(params["conv1"]["kernel"])[-1] == 64 else "torch_grouped")
   if fmt not in ("torchvision", "torch_grouped"):
     raise UserInputError(

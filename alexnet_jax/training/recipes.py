@@ -5,12 +5,14 @@ They live in the package, not in configs/, because commands need them wherever t
 `python -m alexnet_jax.convert` writes a published net's config beside its weights, and
 `--config.init_from` compares a run's net with the one the weights were trained in. The
 config files are these: configs/default.py is `paper()`, configs/torchvision_alexnet.py and
-caffe_alexnet.py are `published(...)`.
+caffe_alexnet.py are `published(...)`, configs/gpu8.py and tpu_pod.py are `scaled(...)`.
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from alexnet_jax.core.errors import UserInputError
 
 
 def paper() -> ml_collections.ConfigDict:
@@ -24,6 +26,7 @@ def paper() -> ml_collections.ConfigDict:
   # prepared: prepare's --data_dir; tfds: the TFDS data directory ("" = TFDS's default);
   # synthetic: where to generate it ("" = WORKDIR/data).
   config.data_dir = ""
+  config.stage_dir = ""  # a gs:// data_dir is copied here, once per host ("" = ~/.cache/...)
   config.train_split = "train"  # tfds only: TFDS split names, slices too ("train[:90%]")
   config.eval_split = ""  # tfds only: "" = "validation" where the dataset has one, else "test"
   config.stats_images = 10_000  # tfds only: training images sampled for the mean image and PCA
@@ -73,6 +76,10 @@ def paper() -> ml_collections.ConfigDict:
   config.lr_decay_factor = 0.1
   config.plateau_patience = 2  # evaluations without improvement before dividing by 10
   config.plateau_max_drops = 3
+  # Goyal et al. 2017's gradual warmup (none in the paper): the rate rises linearly over these
+  # epochs from warmup_start_factor * learning_rate; the drops stay where they are.
+  config.warmup_epochs = 0.0
+  config.warmup_start_factor = 1.0
   # Fine-tuning (used only when WORKDIR has no checkpoint yet; a resumed run ignores them).
   config.init_from = ""  # start from: a workdir of ours, or a .pth/.pt/.safetensors/.npz/.npy file
   config.freeze_all_but_last = 0  # > 0: train only the last k of the 8 layers (1: fc8 only)
@@ -87,6 +94,39 @@ def paper() -> ml_collections.ConfigDict:
   config.num_devices = 0
   config.keep_checkpoints = 3  # the latest few; the best by val top-1 error is kept too
   return config
+
+
+PAPER_BATCH = 128  # the batch paper()'s learning rate was set for
+
+
+def scaled(
+  devices: int, per_device_batch: int = PAPER_BATCH, warmup_epochs: float = 0.0
+) -> ml_collections.ConfigDict:
+  """The paper's recipe data-parallel on `devices` devices: global batch `devices *
+  per_device_batch`, k = that / 128 times the paper's, and k times its learning rate (the
+  linear rule); the schedule's drops stay at the same epochs.
+
+  The rule, by its sources: Krizhevsky 2014 ("One weird trick", arXiv:1404.5997, §5) writes
+  that theory suggests sqrt(k) to keep the gradient's variance constant, but that for the
+  batch sizes of his note (AlexNet-like nets, 128 per GPU on up to 8 GPUs) multiplying the
+  rate by k worked best. Goyal et al. 2017 (arXiv:1706.02677) measured the same linear rule on
+  ResNet-50 (their rate 0.1 * kn/256) with `warmup_epochs` of gradual warmup (theirs: 5) from
+  the small batch's rate, rate/k. At one device and batch 128 it is `paper()`'s schedule.
+  """
+  config = paper()
+  config.batch_size = devices * per_device_batch
+  k = config.batch_size / PAPER_BATCH
+  config.learning_rate *= k
+  config.warmup_epochs = warmup_epochs
+  config.warmup_start_factor = min(1.0, 1 / k)  # Goyal et al.'s start: the small batch's rate
+  return config
+
+
+def device_count(arg: str, config_file: str) -> int:
+  """The device count a config file is given after its name (`--config=FILE:COUNT`)."""
+  if not arg.isdigit() or int(arg) < 1:
+    raise UserInputError(f"{config_file}:{arg}: give the number of devices after ':', e.g. :64")
+  return int(arg)
 
 
 # What each published net was trained with, over the paper's recipe. Its `model` settings are

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import ml_collections
 
-from alexnet_jax.core import files
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.training import class_names
 from alexnet_jax.training.config_check import same_setting
@@ -48,6 +47,7 @@ RULES: dict[str, Rule] = {
   # Data: what the net sees.
   "dataset": FIXED,
   "data_dir": FREE,  # the same data may move (staged to a local disk): train.py checks it is
+  "stage_dir": FREE,  # where a bucket's data is copied: the same data
   "train_split": FIXED,
   "eval_split": FIXED,
   "stats_images": FIXED,
@@ -80,6 +80,8 @@ RULES: dict[str, Rule] = {
   "lr_schedule": FIXED,
   "lr_boundaries_epochs": FIXED,
   "lr_decay_factor": FIXED,
+  "warmup_epochs": FIXED,
+  "warmup_start_factor": FIXED,
   "plateau_patience": FIXED,
   "plateau_max_drops": FIXED,
   "init_from": FREE,  # read only when a run starts, not on resume
@@ -179,7 +181,7 @@ class DataShape:
 
 def record_data(workdir: str, data: DataShape) -> None:
   """WORKDIR/data.json: the split sizes (the classes are in classes.json)."""
-  files.write_text(os.path.join(workdir, DATA_FILE), json.dumps(data.sizes) + "\n")
+  files.write_text(storage.join(workdir, DATA_FILE), json.dumps(data.sizes) + "\n")
 
 
 def check_same_data(workdir: str, data_dir: str, data: DataShape) -> None:
@@ -189,11 +191,10 @@ def check_same_data(workdir: str, data_dir: str, data: DataShape) -> None:
   if classes is not None and tuple(classes) != tuple(data.classes):
     differs = f"classes ({_class_difference(classes, data.classes)}, see classes.json)"
   else:
-    path = os.path.join(workdir, DATA_FILE)
-    if not os.path.exists(path):
+    path = storage.path(workdir).joinpath(DATA_FILE)
+    if not path.exists():
       return
-    with open(path) as f:
-      recorded = json.load(f)
+    recorded = json.loads(path.read_text())
     if recorded == data.sizes:
       return
     differs = f"sizes ({data.sizes}, not the run's {recorded})"

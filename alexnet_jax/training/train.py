@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, Iterator
 
 import jax
@@ -18,6 +17,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import datasets
 from alexnet_jax.data.batches import eval_batches, train_batches
@@ -189,9 +189,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Job:
     backend.check_dtype(config.dtype)
   except ValueError as e:
     raise UserInputError(f"--config.dtype={config.dtype}: {e}") from e
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  workdir = storage.absolute(workdir)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
+  resuming = storage.path(workdir).joinpath("checkpoints").is_dir()
   if resuming:
     checkpoints.check_resumable(workdir, config)
   train_split, val_split, stats = datasets.load_splits(config, workdir)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.training import checkpoints
 
@@ -150,3 +151,28 @@ def test_set_aside_moves_the_damaged_steps_out_for_the_resumed_run(tmp_path):
   mgr.wait_until_finished()
   assert int(checkpoints.restore(mgr, _tree(0))["step"]) == 2
   mgr.close()
+
+
+def test_in_a_bucket_a_damaged_step_is_copied_aside_and_deleted(gcs):
+  """A bucket cannot rename: the damaged step's objects are copied to damaged_checkpoints/
+  and deleted from checkpoints/, so the resumed run saves that step afresh, and verifies it."""
+  workdir = f"{gcs.bucket()}/run"
+  _saved(workdir)
+  fs, _ = storage.filesystem(workdir)
+  step_2 = [f for f in gcs.files(f"{workdir}/checkpoints/2") if "/d/" in f]
+  data = max(step_2, key=fs.size)
+  content = bytearray(fs.cat_file(data))
+  content[len(content) // 2 : len(content) // 2 + 64] = b"\xff" * 64
+  fs.pipe_file(data, bytes(content))
+  mgr = checkpoints.manager(workdir, keep=3)
+  assert int(checkpoints.restore(mgr, _tree(0), set_aside=True)["step"]) == 1
+  assert sorted(mgr.all_steps()) == [1]
+  assert gcs.files(f"{workdir}/checkpoints/2") == []
+  moved = gcs.files(f"{workdir}/{checkpoints.DAMAGED_DIR}/2")
+  assert len(moved) == len(gcs.files(f"{workdir}/checkpoints/1"))  # every object copied
+  checkpoints.save(mgr, 2, _tree(2))
+  mgr.wait_until_finished()
+  restored = checkpoints.restore(mgr, _tree(0))
+  mgr.close()
+  assert int(restored["step"]) == 2
+  np.testing.assert_array_equal(restored["params"]["w"], _tree(2)["params"]["w"])

@@ -4,9 +4,12 @@ before the last is an error naming the file and line."""
 
 import json
 import logging
+import os
+import tempfile
 
 import pytest
 
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.training import metrics
 
@@ -55,3 +58,48 @@ def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
   assert metrics.read_metrics(str(tmp_path)) == RECORDS
   metrics.keep_records(str(tmp_path), lambda r: True)
   assert (tmp_path / "metrics.jsonl").read_text() == lines(RECORDS)
+
+
+def test_in_a_bucket_each_write_uploads_the_whole_file(gcs):
+  """A bucket has no append (gcsfs's "a" mode overwrites): every write rewrites the object
+  with all its lines, after the torn one is cut off."""
+  workdir = f"{gcs.bucket()}/run"
+  path = f"{workdir}/metrics.jsonl"
+  storage.path(path).write_text(lines(RECORDS) + '{"step": 3, "ep')
+  writer = metrics.MetricWriter(workdir, steps_per_epoch=5)
+  writer.write(3, {"train/loss": 2.0})
+  assert metrics.read_metrics(workdir) == RECORDS + [{"step": 3, "epoch": 0.6, "train/loss": 2.0}]
+  writer.write(4, {"train/loss": 1.5})
+  writer.close()
+  new = [{"step": 3, "epoch": 0.6, "train/loss": 2.0}, {"step": 4, "epoch": 0.8, "train/loss": 1.5}]
+  assert storage.path(path).read_text() == lines(RECORDS + new)
+
+
+def scalars(event_file: str) -> dict:
+  """{(tag, step): value} of a TensorBoard event file."""
+  import tensorflow as tf
+
+  found = {}
+  for event in tf.compat.v1.train.summary_iterator(event_file):
+    for value in event.summary.value:
+      found[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+  return found
+
+
+def test_in_a_bucket_tensorboard_events_are_uploaded_at_each_write(gcs, tmp_path, monkeypatch):
+  """TensorFlow writes the events to a local temporary folder (its GCS client is never used);
+  each write uploads them to WORKDIR/tensorboard/, where TensorBoard reads them; close
+  removes the local folder."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  workdir = f"{gcs.bucket()}/run"
+  writer = metrics.MetricWriter(workdir, steps_per_epoch=5)
+  writer.write(1, {"train/loss": 2.5})
+  (event_file,) = gcs.files(f"{workdir}/tensorboard")
+  files.download(event_file, str(tmp_path / "first"))
+  assert scalars(str(tmp_path / "first")) == {("train/loss", 1): 2.5}
+  writer.write(2, {"train/loss": 2.0})
+  writer.close()
+  assert gcs.files(f"{workdir}/tensorboard") == [event_file]
+  files.download(event_file, str(tmp_path / "last"))
+  assert scalars(str(tmp_path / "last")) == {("train/loss", 1): 2.5, ("train/loss", 2): 2.0}
+  assert sorted(os.listdir(tmp_path)) == ["first", "last"]  # the local folder is gone

@@ -81,3 +81,31 @@ def test_plateau_divides_by_ten_when_error_stops_improving_at_most_max_drops():
     factors.append(f)
   assert factors == [1, 1, 1, 0.1, 1, 1, 1, 0.1, 1, 1, 1, 1]
   assert state["drops"] == 2 and state["best"] == 0.3
+
+
+def test_warmup_rises_linearly_from_the_start_factor_and_leaves_the_drops_in_place():
+  """Goyal et al.'s gradual warmup: 0.32 / 32 at step 0, + 0.31 / 50 a step, 0.32 from 5 epochs
+  (50 steps) on; the schedule's drops stay at epochs 30, 60, 80 instead of moving by 5."""
+  piecewise = optim.make_schedule(
+    "piecewise", 0.32, 10, 900, (30, 60, 80), warmup_epochs=5, warmup_start_factor=1 / 32
+  )
+  steps = (0, 1, 25, 49, 50, 299, 300, 600, 800)
+  assert [float(piecewise(s)) for s in steps] == pytest.approx(
+    [0.01, 0.01 + 0.31 / 50, 0.165, 0.01 + 0.31 * 49 / 50, 0.32, 0.32, 0.032, 3.2e-3, 3.2e-4],
+    rel=1e-5,  # float32 rates
+  )
+
+
+@pytest.mark.parametrize("name", ["cosine", "constant"])
+def test_warmup_replaces_the_first_steps_of_any_schedule(name):
+  plain = optim.make_schedule(name, 0.1, 10, 100)
+  warm = optim.make_schedule(name, 0.1, 10, 100, warmup_epochs=2, warmup_start_factor=0.0)
+  assert float(warm(0)) == 0.0 and float(warm(10)) == pytest.approx(0.05)
+  after = jnp.arange(20, 101)
+  np.testing.assert_array_equal(warm(after), plain(after) if callable(plain) else np.float32(plain))
+
+
+def test_warmup_with_the_plateau_rule_is_refused_and_no_warmup_changes_nothing():
+  with pytest.raises(ValueError, match="warmup does not work with lr_schedule 'plateau'"):
+    optim.make_schedule("plateau", 0.01, 10, 100, warmup_epochs=1)
+  assert optim.make_schedule("constant", 0.01, 10, 100, warmup_epochs=0.0) == 0.01
