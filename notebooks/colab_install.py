@@ -1,0 +1,118 @@
+"""The notebooks' install step on Colab: what the repository needs, without breaking what the
+runtime already has. The notebooks run it in their kernel (`runpy.run_path`), so it can tell
+which packages that kernel has imported.
+
+  python notebooks/colab_install.py     # the same from a shell, in the environment to fix
+
+- requirements.txt, but never a second TensorFlow. Colab's CPU and GPU runtimes ship the
+  `tensorflow` distribution; requirements.txt names `tensorflow-cpu` (the same package as a
+  smaller wheel), which pip would unpack into the same tensorflow/ folder over it, and the next
+  `import tensorflow` fails (undefined symbols). Where any TensorFlow distribution is
+  installed, that line is left out; where none is (Colab's TPU runtime), it is installed.
+- pip's default upgrade strategy, "only if needed": a package that is there and within
+  requirements.txt's range stays as it is.
+- JAX for the accelerator: `jax[cuda12]==V` on a GPU, `jax[tpu]==V` on a TPU, V the jax version
+  installed by then, so the plugin (or libtpu) matches jaxlib. A TPU is found the way JAX finds
+  one: the `libtpu` package, or a PCI device of Google's vendor id 0x1ae0.
+- A package the kernel had imported and pip replaced needs a restart of the runtime: one line
+  says so and the cell stops (SystemExit); run it again after the restart and it goes on.
+
+Only the standard library: it runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+TENSORFLOWS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tf-nightly", "tf-nightly-cpu")
+TPU_PCI_VENDOR = "0x1ae0"  # Google: JAX's own test for a TPU VM (jax/_src/cloud_tpu_init.py)
+
+
+def _name(distribution: str) -> str:
+  return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def _installed() -> dict[str, str]:
+  """Every installed distribution's normalised name -> its version."""
+  return {
+    _name(d.metadata["Name"]): d.version
+    for d in importlib.metadata.distributions()
+    if d.metadata["Name"]
+  }
+
+
+def requirements(path: str, installed: dict[str, str]) -> list[str]:
+  """requirements.txt's lines to install: without comments, and without its TensorFlow when
+  a TensorFlow distribution is already there."""
+  have_tf = any(name in installed for name in TENSORFLOWS)
+  wanted = []
+  for line in open(path):
+    line = line.split("#", 1)[0].strip()
+    name = _name(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0])
+    if line and not (have_tf and name in TENSORFLOWS):
+      wanted.append(line)
+  return wanted
+
+
+def accelerator() -> str | None:
+  """The accelerator's JAX extra, "tpu" or "cuda12", or None for a CPU: from what the machine
+  has, not from variables a runtime may or may not set."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return "tpu"
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      if open(vendor).read().strip() == TPU_PCI_VENDOR:
+        return "tpu"
+    except OSError:
+      pass
+  if shutil.which("nvidia-smi") or os.path.exists("/proc/driver/nvidia/version"):
+    return "cuda12"
+  return None
+
+
+def _pip(args: list[str]) -> None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], check=True)
+
+
+def replaced_but_imported(before: dict[str, str], after: dict[str, str]) -> list[str]:
+  """Distributions pip changed that own a module this process has already imported."""
+  changed = {name for name, version in after.items() if before.get(name) != version}
+  loaded = {
+    os.path.realpath(f) for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))
+  }
+  hits = set()
+  for d in importlib.metadata.distributions():
+    name = _name(d.metadata["Name"] or "")
+    if name in changed and any(os.path.realpath(d.locate_file(f)) in loaded for f in d.files or ()):
+      hits.add(name)
+  return sorted(hits)
+
+
+def main(repo: str = ".") -> None:
+  before = _installed()
+  _pip(requirements(os.path.join(repo, "requirements.txt"), before))
+  extra = accelerator()
+  if extra:
+    _pip([f"jax[{extra}]=={importlib.metadata.version('jax')}"])
+  after = _installed()
+  print(
+    f"installed for {extra or 'cpu'}: jax {after.get('jax')}, flax {after.get('flax')}, "
+    f"tensorflow {next((after[t] for t in TENSORFLOWS if t in after), None)}"
+  )
+  stale = replaced_but_imported(before, after)
+  if stale:
+    raise SystemExit(
+      f"restart the runtime (Runtime > Restart session) and run this cell again: pip replaced "
+      f"{', '.join(stale)}, which this kernel had already imported"
+    )
+
+
+if __name__ == "__main__":
+  main(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
