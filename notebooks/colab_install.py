@@ -5,10 +5,11 @@ which packages that kernel has imported.
   python notebooks/colab_install.py     # the same from a shell, in the environment to fix
 
 - requirements.txt, but never a second TensorFlow. Colab's CPU and GPU runtimes ship the
-  `tensorflow` distribution; requirements.txt names `tensorflow-cpu` (the same package as a
-  smaller wheel), which pip would unpack into the same tensorflow/ folder over it, and the next
-  `import tensorflow` fails (undefined symbols). Where any TensorFlow distribution is
-  installed, that line is left out; where none is (Colab's TPU runtime), it is installed.
+  `tensorflow` distribution; requirements/tensorflow.txt names `tensorflow-cpu` (the same
+  package as a smaller wheel), which pip would unpack into the same tensorflow/ folder over it,
+  and the next `import tensorflow` fails (undefined symbols). Where any TensorFlow
+  distribution is installed, only requirements/package.txt is installed; where none is
+  (Colab's TPU runtime), requirements/tensorflow.txt too.
 - pip's default upgrade strategy, "only if needed": a package that is there and within
   requirements.txt's range stays as it is.
 - JAX for the accelerator: `jax[cuda12]==V` on a GPU, `jax[tpu]==V` on a TPU, V the jax version
@@ -48,17 +49,13 @@ def _installed() -> dict[str, str]:
   }
 
 
-def requirements(path: str, installed: dict[str, str]) -> list[str]:
-  """requirements.txt's lines to install: without comments, and without its TensorFlow when
-  a TensorFlow distribution is already there."""
-  have_tf = any(name in installed for name in TENSORFLOWS)
-  wanted = []
-  for line in open(path):
-    line = line.split("#", 1)[0].strip()
-    name = _name(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0])
-    if line and not (have_tf and name in TENSORFLOWS):
-      wanted.append(line)
-  return wanted
+def requirements(repo: str, installed: dict[str, str]) -> list[str]:
+  """pip's arguments for the repository's requirements: the package's, and TensorFlow's only
+  where no TensorFlow distribution is installed."""
+  args = ["-r", os.path.join(repo, "requirements", "package.txt")]
+  if not any(name in installed for name in TENSORFLOWS):
+    args += ["-r", os.path.join(repo, "requirements", "tensorflow.txt")]
+  return args
 
 
 def accelerator() -> str | None:
@@ -97,7 +94,7 @@ def replaced_but_imported(before: dict[str, str], after: dict[str, str]) -> list
 
 def main(repo: str = ".") -> None:
   before = _installed()
-  _pip(requirements(os.path.join(repo, "requirements.txt"), before))
+  _pip(requirements(repo, before))
   extra = accelerator()
   if extra:
     _pip([f"jax[{extra}]=={importlib.metadata.version('jax')}"])

@@ -135,21 +135,17 @@ def test_both_notebooks_run_on_todays_colab(colab, data_dir):
   assert {"train.npz", "val.npz", "figure3_kernels.png"} <= set(os.listdir(out))
 
 
-def test_the_install_step_keeps_a_present_tensorflow(tmp_path):
+def test_the_install_step_keeps_a_present_tensorflow():
   sys.path.insert(0, os.path.join(ROOT, "notebooks"))
   try:
     import colab_install
   finally:
     sys.path.pop(0)
-  reqs = tmp_path / "requirements.txt"
-  reqs.write_text("jax>=0.10\ntensorflow-cpu>=2.20  # tf.data\n# a comment\ntensorboard>=2.20\n")
-  kept = colab_install.requirements(str(reqs), {"tensorflow": "2.20.0", "jax": "0.7.2"})
-  assert kept == ["jax>=0.10", "tensorboard>=2.20"]
-  assert colab_install.requirements(str(reqs), {"jax": "0.7.2"}) == [
-    "jax>=0.10",
-    "tensorflow-cpu>=2.20",
-    "tensorboard>=2.20",
-  ]
+  package, tensorflow = (
+    os.path.join(ROOT, "requirements", f) for f in ("package.txt", "tensorflow.txt")
+  )
+  assert colab_install.requirements(ROOT, {"tensorflow": "2.20.0"}) == ["-r", package]
+  assert colab_install.requirements(ROOT, {"jax": "0.7.2"}) == ["-r", package, "-r", tensorflow]
   # pytest itself is imported here: a changed pytest would need a restart, an unknown one not.
   import importlib.metadata
 
