@@ -4,16 +4,16 @@
     python -m alexnet_jax.convert --input=bvlc_alexnet.npy --output=DIR
     python -m alexnet_jax.convert --input=WORKDIR --output=alexnet.pth  # and back
 
+Either side may be in a bucket (gs://...): a weights file there is downloaded to a local
+temporary file to be checked and read, and a state dict written there is uploaded whole.
 The layouts themselves are in `layouts.py`.
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
 
-from alexnet_jax.core import cli
+from alexnet_jax.core import cli, storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.training import published
 from alexnet_jax.weights.layouts import (
@@ -48,11 +48,12 @@ def define_flags() -> None:
 
 def main() -> None:
   f = flags.FLAGS
-  if os.path.isdir(f.input):
+  source = storage.path(f.input)
+  if source.is_dir():
     print(
       f"wrote {published.export_weights(f.input, f.output, f.format, f.step)} weights to {f.output}"
     )
-  elif os.path.exists(f.input):
+  elif source.exists():
     published.import_weights(f.input, f.output, f.format)
     print(f"wrote a step-0 checkpoint of {f.input} to {f.output}")
   else:

@@ -14,7 +14,9 @@ images are reported and skipped; the rest are extracted. One process only.
 The free space the file needs is checked before any image is read. A stopped extraction
 (SIGTERM or SIGINT between batches, a crash, a kill) keeps its rows in OUTPUT.partial/, and
 the same command again goes on from them; a partial of another net or other images is
-replaced, never used.
+replaced, never used. --workdir and --output may be in a bucket (gs://...): the rows are then
+kept in a local folder under TMPDIR (a rerun on the same host resumes from it) and the file
+is uploaded whole when it is complete; --images must be a local folder.
 """
 
 from __future__ import annotations

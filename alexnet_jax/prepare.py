@@ -22,6 +22,10 @@ array per shard (8x the disk: about 252 GB for ImageNet against 30 GB of JPEG): 
 then decodes nothing, and one core feeds several times the images/s. The raw arrays are
 decoded from the JPEG shards (the same pixels, so the same training), which is also how
 existing JPEG shards are converted without the archives.
+
+Either folder may be a bucket: --data_dir=gs://BUCKET/OUT writes each file on the local disk
+(--stage_dir) and uploads it whole when finished; --manual_dir=gs://... is copied to the
+local disk first (it is read by seeking and by name).
 """
 
 from __future__ import annotations
@@ -46,17 +50,22 @@ def define_flags() -> None:
   flags.DEFINE_string(
     "format", "jpeg", "jpeg: 256x256 JPEG shards; raw: also their decoded pixels (8x the disk)."
   )
+  flags.DEFINE_string(
+    "stage_dir", "", "Local copies of gs:// folders (default: ~/.cache/alexnet_jax/staged)."
+  )
 
 
 def main() -> None:
   f = flags.FLAGS
   shard_format.check_format(f.format)
   if f.data_dir and not f.manual_dir and f.format == "raw":
-    prepare_shards.to_raw(f.data_dir)  # the JPEG shards already there
+    prepare_shards.to_raw(f.data_dir, f.stage_dir)  # the JPEG shards already there
   elif not f.manual_dir or not f.data_dir:
     raise UserInputError("pass --manual_dir=DIR (the archives or class folders) and --data_dir=OUT")
   else:
-    prepare_shards.prepare(f.manual_dir, f.data_dir, f.stats_images, f.quality, f.workers, f.format)
+    prepare_shards.prepare(
+      f.manual_dir, f.data_dir, f.stats_images, f.quality, f.workers, f.format, f.stage_dir
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A Cloud TPU v5e pod slice, v5e-32 unless told (32 chips, one JAX device each, on 4 hosts):
+"""A Cloud TPU v5e pod slice, v5e-32 unless told (32 chips, one JAX device each, on 8 hosts of 4):
 128 images per chip, so the global batch grows with the slice: 128 x chips, 4096 on a
 v5e-32 (k = 32 times the paper's 128). `--config=configs/tpu_pod.py:64` is a v5e-64's.
 

@@ -13,21 +13,29 @@ Writing needs the file's size twice on its disk (the partial rows, then the file
 them): `check_space` says so in one line before anything is written, and the partial files
 are allocated whole when they are created, so that a disk that fills up later is an error,
 never a bus error on a memory-mapped page.
+
+In a bucket (gs://) there are no memory maps, appends or renames: the partial rows of
+gs://.../F.npz are kept in a local folder named after it (`partial_dir`, under TMPDIR), where a
+rerun on this host resumes from them, and the finished file is uploaded whole
+(`files.atomic_path`). `read` downloads such a file to a local temporary file and maps `fc7`
+from there.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
 import struct
+import tempfile
 import zipfile
 from typing import Any, Sequence
 
 import numpy as np
 
-from alexnet_jax.core import files
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 
 _ROW_DTYPES = {
@@ -41,8 +49,18 @@ _SLACK = 1 << 20  # the npz's headers, `classes` and `step`: well under a MiB
 
 
 def partial_dir(path: str) -> str:
-  """Where the rows of the features file `path` are kept while it is written."""
-  return path + ".partial"
+  """Where the rows of the features file `path` are kept while it is written: PATH.partial, or
+  for a file in a bucket a local folder named after it (memory maps need a local disk), the
+  same for every run on this host, so that a rerun resumes from it.
+
+  Why not chunks uploaded to the bucket, which a rerun on another host could resume from: the
+  rows would go to the bucket twice (as chunks, then as the file) and need a merge step, for
+  an extraction any host can repeat; a lost host costs its extraction's time, not its data."""
+  if not storage.is_remote(path):
+    return path + ".partial"
+  digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+  name = f"{digest}-{os.path.basename(path)}.partial"
+  return os.path.join(tempfile.gettempdir(), "alexnet_jax_features", name)
 
 
 def bytes_needed(rows: int, dim: int, k: int, path_chars: int) -> int:
@@ -73,14 +91,20 @@ def check_space(path: str, rows: int, dim: int, k: int, path_chars: int) -> None
   Raises:
     UserInputError: not enough free space, with how much is needed and free.
   """
-  folder = _existing(os.path.dirname(os.path.abspath(path)))
-  needed = bytes_needed(rows, dim, k, path_chars) - _allocated(partial_dir(path))
+  partial = partial_dir(path)
+  folder = _existing(os.path.dirname(os.path.abspath(partial)))
+  needed = bytes_needed(rows, dim, k, path_chars) - _allocated(partial)
   free = shutil.disk_usage(folder).free
   if needed > free:
+    where, fix = (
+      (f"to stage {path} locally", "point TMPDIR at a larger local disk")
+      if storage.is_remote(path)
+      else (f"beside {path}", "write the file elsewhere (--output)")
+    )
     raise UserInputError(
-      f"the features of {rows} images need {needed / 1e9:.2f} GB free beside {path} (the file "
+      f"the features of {rows} images need {needed / 1e9:.2f} GB free {where} (the file "
       f"and its rows while it is written) but {folder} has {free / 1e9:.2f} GB free: free "
-      "some space or write the file elsewhere (--output)"
+      f"some space or {fix}"
     )
 
 
@@ -239,29 +263,60 @@ class Writer:
 
 def read(path: str) -> dict[str, np.ndarray]:
   """Every array of a features file; `fc7` memory-mapped (read from disk as it is used)."""
+  if storage.is_remote(path):
+    return _read_downloaded(path)
   if not os.path.isfile(path):
+    raise _missing(path)
+  return _read(path, path)
+
+
+def _missing(path: str) -> UserInputError:
+  return UserInputError(
+    f"features file {path} does not exist: write it with python -m alexnet_jax.extract"
+  )
+
+
+def _read_downloaded(path: str) -> dict[str, np.ndarray]:
+  """A features file in a bucket, downloaded whole to a local temporary file first (a memory
+  map needs a local file; free space checked), then read as a local one. The temporary name is
+  removed at once: the data stays on the disk only while `fc7`'s mapping lives."""
+  fs, name = storage.filesystem(path)
+  if not fs.isfile(name):
+    raise _missing(path)
+  size, folder = fs.size(name), tempfile.gettempdir()
+  free = shutil.disk_usage(folder).free
+  if size > free:
     raise UserInputError(
-      f"features file {path} does not exist: write it with python -m alexnet_jax.extract"
+      f"reading {path} needs {size / 1e9:.2f} GB free to download it but {folder} has "
+      f"{free / 1e9:.2f} GB free: free some space or point TMPDIR at a larger local disk"
     )
-  with np.load(path) as data:
+  with tempfile.TemporaryDirectory(prefix="alexnet_jax_features_") as local:
+    copy = os.path.join(local, os.path.basename(name))
+    files.download(path, copy)
+    return _read(copy, path)
+
+
+def _read(file: str, path: str) -> dict[str, np.ndarray]:
+  """The arrays of the local file `file`; errors name `path`, where it came from."""
+  with np.load(file) as data:
     if "fc7" not in data.files:
       raise UserInputError(
         f"{path} is not a features file (no 'fc7'): write it with python -m alexnet_jax.extract"
       )
     out = {k: data[k] for k in data.files if k != "fc7"}
-  out["fc7"] = _memmap_member(path, "fc7.npy")
+  out["fc7"] = _memmap_member(file, "fc7.npy", path)
   return out
 
 
-def _memmap_member(path: str, name: str) -> np.ndarray:
-  """An uncompressed .npy inside a zip, memory-mapped where it lies in the file."""
-  with zipfile.ZipFile(path) as zf:
+def _memmap_member(file: str, name: str, path: str) -> np.ndarray:
+  """An uncompressed .npy inside the zip `file`, memory-mapped where it lies in the file."""
+  with zipfile.ZipFile(file) as zf:
     info = zf.getinfo(name)
   if info.compress_type != zipfile.ZIP_STORED:
     raise UserInputError(
       f"{path} is compressed; features files are written uncompressed (numpy.savez)"
     )
-  with open(path, "rb") as f:
+  with open(file, "rb") as f:
     f.seek(info.header_offset)
     name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # the local file header
     f.seek(info.header_offset + 30 + name_len + extra_len)
@@ -276,5 +331,5 @@ def _memmap_member(path: str, name: str) -> np.ndarray:
   if 0 in shape:
     return np.zeros(shape, dtype)
   return np.memmap(
-    path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+    file, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
   )

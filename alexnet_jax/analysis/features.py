@@ -23,6 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from alexnet_jax.analysis import featurefile
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import augment, datasets, image_files
 from alexnet_jax.data.batches import eval_batches, numpy_iterator
@@ -45,6 +46,11 @@ class Report:
 
 def find_images(folder: str) -> list[str]:
   """Every image (`image_files`) under folder, nested folders included, sorted."""
+  if storage.is_remote(folder):  # tf.data would read it through TensorFlow's own GCS client
+    raise UserInputError(
+      f"--images={folder}: extraction reads images from a local folder; copy them to one first "
+      f"(gcloud storage cp -r {folder} LOCAL_FOLDER) and pass that"
+    )
   if not os.path.isdir(folder):
     raise UserInputError(f"image folder {folder} does not exist")
   paths = sorted(
@@ -80,7 +86,7 @@ def run_classes(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, .
   if names is not None:
     return names
   try:
-    return datasets.load_splits(config, os.path.abspath(workdir)).train.classes
+    return datasets.load_splits(config, storage.absolute(workdir)).train.classes
   except UserInputError as e:
     logging.warning(
       "no class names: %s has no %s and its data is not here (%s)", workdir, class_names.FILE, e
@@ -337,6 +343,6 @@ def extract_split(
   Returns:
     Report(count): the images written.
   """
-  data = datasets.load_splits(restored.config, os.path.abspath(workdir))
+  data = datasets.load_splits(restored.config, storage.absolute(workdir))
   images = data.train if split == "train" else data.val
   return Report(extract(restored, images, data.stats, output, batch_size))

@@ -2,7 +2,9 @@
 neighbours (Figure 4), and training curves from metrics.jsonl.
 
 Plain functions of arrays (no checkpoint or data pipeline here); each writes a PNG of a
-fixed pixel size (figure inches x dpi, no tight cropping) and returns what it drew.
+fixed pixel size (figure inches x dpi, no tight cropping) and returns what it drew. A PNG is
+written whole or not at all (`files.atomic_path`), into a local folder or a bucket (gs://)
+alike: matplotlib draws into a local file, which a bucket receives in one upload.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import matplotlib.image
 import numpy as np
 from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
 from PIL import Image
+
+from alexnet_jax.core import files
 
 
 def kernel_grid(
@@ -44,7 +48,8 @@ def save_kernels(kernel: np.ndarray, path: str, **grid_args) -> np.ndarray:
   """Figure 3: writes kernel_grid(kernel) as a PNG of exactly the grid's pixels; returns the
   grid."""
   grid = kernel_grid(kernel, **grid_args)
-  matplotlib.image.imsave(path, grid)
+  with files.atomic_path(path) as tmp:
+    matplotlib.image.imsave(tmp, grid)
   return grid
 
 
@@ -61,7 +66,8 @@ def load_image(path: str, side: int = 128) -> np.ndarray:
 
 def _save(fig: Figure, path: str | None) -> Figure:
   if path:
-    fig.savefig(path, dpi=fig.dpi)
+    with files.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=fig.dpi)
   return fig
 
 

@@ -1,15 +1,14 @@
 """The paper's figures for a trained run (`python -m alexnet_jax.paper_figures`): conv1's kernels
 (Figure 3), predictions and nearest training images of val queries (Figure 4), the training
-curves, and the fc7 features files they come from."""
+curves, and the fc7 features files they come from; into a local folder or a bucket (gs://)."""
 
 from __future__ import annotations
-
-import os
 
 import jax
 import numpy as np
 
 from alexnet_jax.analysis import featurefile, features, figures, retrieval
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.training import metrics
 from alexnet_jax.training.restore import restore
@@ -39,8 +38,8 @@ def run(
       "Figure 4 shows image files, and prepared shards have none: extract an image folder with "
       "python -m alexnet_jax.extract --images=... and draw it with alexnet_jax.analysis.figures"
     )
-  os.makedirs(output_dir, exist_ok=True)
-  out = {name: os.path.join(output_dir, f) for name, f in FILES.items()}
+  storage.path(output_dir).mkdir(parents=True, exist_ok=True)
+  out = {name: storage.join(output_dir, f) for name, f in FILES.items()}
   figures.save_kernels(
     np.asarray(jax.device_get(restored.params["conv1"]["kernel"])), out["kernels"]
   )

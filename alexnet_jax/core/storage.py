@@ -24,11 +24,16 @@ if os.environ.get("STORAGE_EMULATOR_HOST"):
   os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", os.environ["STORAGE_EMULATOR_HOST"])
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import fsspec  # noqa: E402
 from etils import epath  # noqa: E402  (after the variables above, which it reads once)
 
 Path = epath.Path
 PathLike = str | os.PathLike
-_NO_CACHE = {"cache_timeout": 0, "use_listings_cache": False}
+# gcsfs keeps listings and file sizes forever by default; several processes and hosts read
+# what the others write (checkpoints, statistics, locks), so nothing is cached. Set before any
+# gs:// file system is made: fsspec applies it when it makes one.
+for _protocol in ("gs", "gcs"):
+  fsspec.config.conf.setdefault(_protocol, {}).update(cache_timeout=0, use_listings_cache=False)
 
 
 def is_remote(p: PathLike) -> bool:
@@ -39,8 +44,6 @@ def is_remote(p: PathLike) -> bool:
 
 def path(p: PathLike) -> epath.Path:
   """`p` as a path object that reads and writes local folders and buckets alike."""
-  if is_remote(p):
-    _no_listing_cache()
   return epath.Path(p)
 
 
@@ -58,16 +61,4 @@ def absolute(p: PathLike) -> str:
 def filesystem(p: PathLike):
   """The fsspec file system of a remote `p` and the name it has there, for what paths cannot
   do: uploads and downloads of whole files, create-if-absent."""
-  import fsspec
-
-  _no_listing_cache()
   return fsspec.core.url_to_fs(os.fspath(p))
-
-
-def _no_listing_cache() -> None:
-  """gcsfs keeps listings and file sizes forever by default; several processes and hosts
-  read what the others write (checkpoints, statistics, locks), so nothing is cached."""
-  import fsspec
-
-  for protocol in ("gs", "gcs"):
-    fsspec.config.conf.setdefault(protocol, {}).update(_NO_CACHE)

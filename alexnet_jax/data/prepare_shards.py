@@ -9,6 +9,12 @@ name and renamed when whole, so a stopped run restarts where it stopped. `to_raw
 JPEG shards into memory-mappable uint8 arrays (8x the disk, nothing to decode in training),
 the same pixels, so the same training. The statistics are sampled as for any source
 (stats.py). What is read from the input, and how it is checked, is `prepare_inputs`.
+
+A bucket (gs://) as data_dir: every file is written on the local disk first (`Output`: the
+folder training on this host would stage the bucket to), and each finished shard or array is
+uploaded whole (an object appears whole or not at all, as a rename makes a local file
+appear); the info file goes to the bucket before the first shard, and a shard already in the
+bucket is not written again. A bucket as manual_dir is staged to the local disk first.
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ from absl import logging
 from PIL import Image
 
 from alexnet_jax.core import files as files_lib
-from alexnet_jax.core import locks
+from alexnet_jax.core import locks, storage
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import image_files, prepare_inputs, shard_format
+from alexnet_jax.data import image_files, prepare_inputs, shard_format, staging
 from alexnet_jax.data.prepare_inputs import TRAIN_TAR, VAL_TAR
-from alexnet_jax.data.shard_format import SIDE
+from alexnet_jax.data.shard_format import SIDE, SPLITS
 from alexnet_jax.data.stats import Stats, image_stats, read_stats, write_stats
 
 RAW_IMAGE_BYTES = SIDE * SIDE * 3
@@ -104,14 +110,53 @@ def _input_images(manual_dir: str, archives: bool) -> int:
   return sum(image_files.is_image(f) for _, _, fs in os.walk(manual_dir) for f in fs)
 
 
-def _check_disk(data_dir: str, need: int, what: str) -> None:
-  free = shutil.disk_usage(data_dir).free
-  logging.info("%s need about %.1f GiB; %.1f GiB free", what, need / 2**30, free / 2**30)
-  if free < need:
-    raise UserInputError(
-      f"{data_dir} has {free / 2**30:.1f} GiB free; {what} need about {need / 2**30:.1f} GiB: "
-      "free some space or choose another --data_dir"
-    )
+class Output(NamedTuple):
+  """Where prepare's files go (data_dir: a folder or a bucket) and where they are written
+  (`local`: data_dir itself, or for a bucket its local copy, `staging.local_dir`)."""
+
+  data_dir: str
+  local: str
+  stage_dir: str
+
+  @classmethod
+  def of(cls, data_dir: str, stage_dir: str) -> Output:
+    remote = storage.is_remote(data_dir)
+    local = staging.local_dir(data_dir, stage_dir) if remote else data_dir
+    return cls(data_dir, local, stage_dir)
+
+  @property
+  def remote(self) -> bool:
+    return self.local != self.data_dir
+
+  def publish(self, path: str) -> None:
+    """Uploads the finished local file `path` to the bucket, whole; locally it is in place."""
+    if self.remote:
+      staging.publish(self.local, self.data_dir, os.path.relpath(path, self.local))
+
+  def fetch(self, names: list[str]) -> None:
+    """Copies the bucket's files `names` to `local`, where not there already."""
+    if self.remote and names:
+      staging.stage(self.data_dir, names, stage_dir=self.stage_dir)
+
+  def check_disk(self, need: int, what: str) -> None:
+    free = shutil.disk_usage(self.local).free
+    logging.info("%s need about %.1f GiB; %.1f GiB free", what, need / 2**30, free / 2**30)
+    if free < need:
+      other = "--stage_dir (where a bucket's files are written first)" if self.remote else ""
+      raise UserInputError(
+        f"{self.local} has {free / 2**30:.1f} GiB free; {what} need about "
+        f"{need / 2**30:.1f} GiB: free some space or choose another {other or '--data_dir'}"
+      )
+
+
+def _local_input(manual_dir: str, stage_dir: str) -> str:
+  """manual_dir where it can be read: a bucket's archives, or its train/ and val/ trees,
+  staged to the local disk (tarfile seeks, and each image is opened by name)."""
+  if not storage.is_remote(manual_dir):
+    return manual_dir
+  archives = [t for t in (TRAIN_TAR, VAL_TAR) if storage.path(manual_dir).joinpath(t).exists()]
+  trees = () if archives else ("train", "val")
+  return staging.stage(manual_dir, archives, trees, stage_dir).local
 
 
 def _input_bytes(manual_dir: str, archives: bool) -> int:
@@ -186,17 +231,21 @@ def prepare(
   quality: int = 90,
   workers: int | None = None,
   fmt: str = "jpeg",
+  stage_dir: str = "",
 ) -> shard_format.Info:
   """Writes data_dir/{train,val}/*.array_record, dataset_info.json, stats.npz (and with
   fmt="raw" the raw arrays, `to_raw`); returns the info. The input (classes, files and sizes,
   quality) is recorded in the info file before the first shard; a rerun keeps finished shards
-  only where its input is the one recorded, and is a one-line error otherwise."""
+  only where its input is the one recorded, and is a one-line error otherwise. Either folder
+  may be a bucket (gs://): stage_dir is then where its files are on the local disk."""
   shard_format.check_format(fmt)
-  if not os.path.isdir(manual_dir):
+  source = storage.absolute(manual_dir)
+  if not storage.path(manual_dir).is_dir():
     raise UserInputError(
       f"manual_dir {manual_dir!r} does not exist: download {TRAIN_TAR} and {VAL_TAR} "
       "from image-net.org into it, or point it at a folder with train/ and val/ class folders"
     )
+  manual_dir = _local_input(manual_dir, stage_dir)
   have = [t for t in (TRAIN_TAR, VAL_TAR) if os.path.exists(os.path.join(manual_dir, t))]
   archives = bool(have)
   if archives and len(have) < 2:
@@ -208,36 +257,46 @@ def prepare(
     raise UserInputError(
       f"{manual_dir} holds neither {TRAIN_TAR} + {VAL_TAR} nor train/ and val/ class folders"
     )
-  os.makedirs(data_dir, exist_ok=True)
+  output = Output.of(data_dir, stage_dir)
+  os.makedirs(output.local, exist_ok=True)
   need, what = _input_bytes(manual_dir, archives) // 3, "the JPEG shards"
   if fmt == "raw":
     raw = _input_images(manual_dir, archives) * RAW_IMAGE_BYTES
     need, what = need + raw, f"the JPEG shards and the raw arrays ({raw / 2**30:.1f} GiB)"
-  _check_disk(data_dir, need, what)
+  output.check_disk(need, what)
   try:
     planned = (prepare_inputs.archive_jobs if archives else prepare_inputs.folder_jobs)(manual_dir)
   except tarfile.TarError as e:
     raise UserInputError(f"cannot read the archives in {manual_dir}: {e}") from None
-  source = "imagenet2012" if archives else os.path.abspath(manual_dir)
+  source = "imagenet2012" if archives else source
   started = shard_format.Info(
     source, SIDE, tuple(planned.classes), {}, origin=shard_format.Origin(planned.files, quality)
   )
   _check_same_input(data_dir, started)
   if shard_format.read_info(data_dir) is None:
     shard_format.write_info(data_dir, started)  # before the first shard: what it comes from
+  skipped = os.path.join(output.local, "skipped.txt")
+  if output.remote:  # the bucket's list, appended to below and uploaded whole; or none
+    if storage.path(data_dir).joinpath("skipped.txt").exists():
+      output.fetch(["skipped.txt"])
+    elif os.path.exists(skipped):
+      os.remove(skipped)
 
   jobs = [("train", n, f) for n, f in planned.train] + [("val", n, f) for n, f in planned.val]
   start = time.time()
   spawn = multiprocessing.get_context("spawn")  # fork is unsafe once JAX or TF threads exist
   with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), mp_context=spawn) as pool:
     for k, (split, name, items) in enumerate(jobs):
-      path = shard_format.shard_path(data_dir, split, name)
-      if os.path.exists(path):
+      if storage.path(shard_format.shard_path(data_dir, split, name)).exists():
         continue  # finished by an earlier run
+      path = shard_format.shard_path(output.local, split, name)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       written, bad = write_shard(path, items(), pool, quality)
-      with open(os.path.join(data_dir, "skipped.txt"), "a") as f:
+      output.publish(path)
+      with open(skipped, "a") as f:
         f.writelines(line + "\n" for line in bad)
+      if bad:
+        output.publish(skipped)
       eta = (time.time() - start) / (k + 1) * (len(jobs) - k - 1)
       logging.info(
         "%s shard %s: %d images, %d skipped (%d/%d shards, ETA %.0f s)",
@@ -252,7 +311,10 @@ def prepare(
 
   from alexnet_jax.data.sources import Shards
 
-  shards = {s: shard_format.shards_in(data_dir, s) for s in shard_format.SPLITS}
+  # The shards of the jobs, all written now (a listing would also find older, other ones).
+  names = {s: [n + shard_format.RECORD_EXTENSION for j, n, _ in jobs if j == s] for s in SPLITS}
+  output.fetch([f"{s}/{name}" for s in SPLITS for name in names[s]])  # written by earlier runs
+  shards = {s: [os.path.join(output.local, s, name) for name in names[s]] for s in SPLITS}
   info = dataclasses.replace(
     started,
     splits={
@@ -272,15 +334,15 @@ def prepare(
     info.splits["train"].num_images,
     info.splits["val"].num_images,
   )
-  return to_raw(data_dir) if fmt == "raw" else info
+  return to_raw(data_dir, stage_dir) if fmt == "raw" else info
 
 
 @_owning_data_dir
-def to_raw(data_dir: str) -> shard_format.Info:
+def to_raw(data_dir: str, stage_dir: str = "") -> shard_format.Info:
   """Writes beside each JPEG shard of data_dir its images decoded and their labels (the raw
   arrays of `shard_format`), then marks the info file raw; returns it. Each array is written
-  under a temporary name and renamed when complete, the info file last: an interrupted
-  conversion reruns without redoing finished shards."""
+  under a temporary name and renamed when complete (in a bucket: uploaded whole), the info
+  file last: an interrupted conversion reruns without redoing finished shards."""
   import tensorflow as tf
 
   from alexnet_jax.data.batches import numpy_iterator
@@ -292,20 +354,23 @@ def to_raw(data_dir: str) -> shard_format.Info:
       f"no JPEG shards to convert in {data_dir} ({shard_format.INFO_FILE} missing): "
       "pass --manual_dir too"
     )
-  jobs = [(split, p) for split in shard_format.SPLITS for p in info.paths(data_dir, split)]
-  missing = [p for _, p in jobs if not os.path.exists(p)]
+  names = [f"{split}/{name}" for split in SPLITS for name in info.splits[split].files]
+  missing = [n for n in names if not storage.path(data_dir).joinpath(n).exists()]
   if missing:
     raise UserInputError(
-      f"JPEG shards listed in {os.path.join(data_dir, shard_format.INFO_FILE)} are missing: "
+      f"JPEG shards listed in {storage.join(data_dir, shard_format.INFO_FILE)} are missing: "
       f"{missing[:3]}"
     )
+  output = Output.of(data_dir, stage_dir)
+  output.fetch(names)  # a bucket's, read here
   todo = [
-    (s, p, shard_format.num_records(p))
-    for s, p in jobs
-    if not os.path.exists(shard_format.raw_path(p))
+    (name.split("/")[0], os.path.join(output.local, name))
+    for name in names
+    if not storage.path(data_dir).joinpath(shard_format.raw_path(name)).exists()
   ]
+  todo = [(s, p, shard_format.num_records(p)) for s, p in todo]
   total = sum(n for _, _, n in todo)
-  _check_disk(data_dir, total * RAW_IMAGE_BYTES, f"the raw arrays of {total} images")
+  output.check_disk(total * RAW_IMAGE_BYTES, f"the raw arrays of {total} images")
   side = info.side
   for split, jpeg_path, n in todo:
     whole = Shards((jpeg_path,), n, info.classes, side).reader().decoded
@@ -322,12 +387,14 @@ def to_raw(data_dir: str) -> shard_format.Info:
       del images
       with files_lib.atomic_path(shard_format.raw_labels_path(raw_path)) as tmp_labels:
         np.save(tmp_labels, labels)
+    output.publish(shard_format.raw_labels_path(raw_path))  # the array last, as locally
+    output.publish(raw_path)
     logging.info("raw %s shard %s: %d images", split, os.path.basename(raw_path), n)
   splits = {
     split: dataclasses.replace(
       shards,
       raw_files=tuple(shard_format.raw_path(name) for name in shards.files),
-      raw_counts=tuple(shard_format.num_records(p) for p in info.paths(data_dir, split)),
+      raw_counts=tuple(shard_format.num_records(p) for p in info.paths(output.local, split)),
     )
     for split, shards in info.splits.items()
   }

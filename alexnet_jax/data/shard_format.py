@@ -20,7 +20,7 @@ import json
 import os
 from typing import Sequence
 
-from alexnet_jax.core import files
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 
 SIDE = 256  # the paper's down-sampled images
@@ -38,19 +38,19 @@ def check_format(fmt: str) -> None:
 
 
 def shard_path(data_dir: str, split: str, name: str) -> str:
-  return os.path.join(data_dir, split, name + RECORD_EXTENSION)
+  return storage.join(data_dir, split, name + RECORD_EXTENSION)
 
 
 def shards_in(data_dir: str, split: str) -> list[str]:
   """The finished shards of a split, sorted (an interrupted one is still a hidden temporary
-  file, `files.temporary_name`); none where the split has no folder yet."""
-  folder = os.path.join(data_dir, split)
-  if not os.path.isdir(folder):
+  file, `files.temporary_name`); none where the split has no folder yet. In a bucket too."""
+  folder = storage.path(data_dir).joinpath(split)
+  if not folder.is_dir():
     return []
   return sorted(
-    os.path.join(folder, f)
-    for f in os.listdir(folder)
-    if f.endswith(RECORD_EXTENSION) and not f.startswith(".")
+    os.fspath(f)
+    for f in folder.iterdir()
+    if f.name.endswith(RECORD_EXTENSION) and not f.name.startswith(".")
   )
 
 
@@ -158,16 +158,17 @@ def write_info(data_dir: str, info: Info) -> None:
   }
   if info.origin:
     record["origin"] = dataclasses.asdict(info.origin)
-  files.write_text(os.path.join(data_dir, INFO_FILE), json.dumps(record, indent=1))
+  files.write_text(storage.join(data_dir, INFO_FILE), json.dumps(record, indent=1))
 
 
 def read_info(data_dir: str) -> Info | None:
-  """data_dir's info, None where there is none; an error where another version wrote it."""
-  path = os.path.join(data_dir or "", INFO_FILE)
-  if not os.path.exists(path):
+  """data_dir's info (local or in a bucket), None where there is none; an error where another
+  version wrote it."""
+  path = storage.path(data_dir or ".").joinpath(INFO_FILE)
+  try:
+    record = json.loads(path.read_text())
+  except FileNotFoundError:
     return None
-  with open(path) as f:
-    record = json.load(f)
   fmt = record.get("format", "jpeg")  # older versions wrote JPEG shards only, unmarked
   if fmt not in FORMATS:
     raise UserInputError(

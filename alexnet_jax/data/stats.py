@@ -2,18 +2,19 @@
 
 stats.npz is written by `write_stats` alone (by `prepare` beside its shards, beside a TFDS
 dataset on first use, by training in its workdir, so that its features can be extracted away
-from its data) and read by `read_stats` alone. No TensorFlow here.
+from its data) and read by `read_stats` alone, in a local folder or a bucket (gs://: uploaded
+whole, read from the object's bytes). No TensorFlow here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from alexnet_jax.core import files
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 
 STATS_FILE = "stats.npz"
@@ -68,7 +69,7 @@ def image_stats(images: Iterable[np.ndarray]) -> Stats:
 
 def write_stats(directory: str, stats: Stats) -> None:
   """directory/stats.npz, written whole or not at all."""
-  with files.atomic_path(os.path.join(directory, STATS_FILE)) as tmp:
+  with files.atomic_path(storage.join(directory, STATS_FILE)) as tmp:
     np.savez(
       tmp,
       mean_image=stats.mean_image,
@@ -80,10 +81,13 @@ def write_stats(directory: str, stats: Stats) -> None:
 
 def read_stats(directory: str) -> Stats | None:
   """directory/stats.npz as written, None where there is none."""
-  path = os.path.join(directory, STATS_FILE) if directory else ""
-  if not path or not os.path.exists(path):
+  if not directory:
     return None
-  with np.load(path) as f:
+  try:
+    data = storage.path(directory).joinpath(STATS_FILE).read_bytes()
+  except FileNotFoundError:
+    return None
+  with np.load(io.BytesIO(data)) as f:
     count = int(f["num_images"]) if "num_images" in f else 0  # older workdirs hold none
     return Stats(f["mean_image"], f["eigval"], f["eigvec"], count)
 
@@ -102,7 +106,7 @@ def load_stats(
     saved = Stats(mean_image, np.asarray(IMAGENET_EIGVAL), np.asarray(IMAGENET_EIGVEC))
   elif saved.mean_image.shape != (side, side, 3):
     raise UserInputError(
-      f"{os.path.join(data_dir, STATS_FILE)} holds a {saved.mean_image.shape[0]}-pixel mean "
+      f"{storage.join(data_dir, STATS_FILE)} holds a {saved.mean_image.shape[0]}-pixel mean "
       f"image but resize_size={side}; set --config.resize_size={saved.mean_image.shape[0]}"
     )
   mean_image = saved.mean_image

@@ -16,8 +16,9 @@ from typing import NamedTuple
 
 import jax
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import sync
+from alexnet_jax.data import staging, sync
 from alexnet_jax.data.batches import rescaled_sample
 from alexnet_jax.data.sources import Records
 from alexnet_jax.data.stats import Stats, image_stats, read_stats, write_stats
@@ -90,11 +91,17 @@ class TfdsSplits(NamedTuple):
   folder: str  # the dataset's own folder (its version's)
 
 
-def open_splits(name: str, data_dir: str | None, train_split: str, eval_split: str) -> TfdsSplits:
+def open_splits(
+  name: str, data_dir: str | None, train_split: str, eval_split: str, stage_dir: str = ""
+) -> TfdsSplits:
   """The train and eval splits of a prepared TFDS dataset. eval_split "" is 'validation'
-  where the dataset has one, else 'test'."""
+  where the dataset has one, else 'test'. A data_dir in a bucket: the dataset's folder is
+  staged (`stage`) and read from there; its folder (for the statistics) is the bucket's."""
   import tensorflow_datasets as tfds
 
+  folder = ""
+  if data_dir and storage.is_remote(data_dir):
+    folder, data_dir = stage(name, data_dir, stage_dir)
   builder = open_builder(name, data_dir)
   image_key, label_key = _feature_keys(name, builder)
   classes = tuple(builder.info.features[label_key].names)
@@ -117,7 +124,32 @@ def open_splits(name: str, data_dir: str | None, train_split: str, eval_split: s
     return Records(source, image_key, label_key, classes, f"{builder.info.full_name}/{split}")
 
   train = records(train_split, "train_split")
-  return TfdsSplits(train, records(eval_split, "eval_split"), os.fspath(builder.data_dir))
+  folder = folder or os.fspath(builder.data_dir)
+  return TfdsSplits(train, records(eval_split, "eval_split"), folder)
+
+
+class Staged(NamedTuple):
+  folder: str  # the dataset's folder in the bucket ("" for an unknown dataset)
+  data_dir: str  # the local TFDS data dir that holds its copy
+
+
+def stage(name: str, data_dir: str, stage_dir: str = "") -> Staged:
+  """Copies dataset `name`'s own folder (NAME/CONFIG/VERSION) of the bucket `data_dir` to the
+  local disk (`staging.stage`): TFDS reads ArrayRecord files, which are read from local files
+  only. Returns that folder in the bucket and the local data dir holding its copy.
+
+  The folder's path is the builder's (its version: the one asked for, else the newest this
+  TFDS knows), found without reading the bucket."""
+  import tensorflow_datasets as tfds
+
+  local = staging.local_dir(data_dir, stage_dir)
+  try:
+    builder = tfds.builder(name, data_dir=local)
+  except (ValueError, AssertionError, KeyError):
+    return Staged("", data_dir)  # an unknown name: open_builder's one-line error
+  own = os.path.relpath(os.fspath(builder.data_dir), local)
+  staging.stage(data_dir, trees=(own,), stage_dir=stage_dir)
+  return Staged(storage.join(data_dir, own), local)
 
 
 def stats_dir(train: Records, data_path: str, workdir: str, resize_size: int, sample: int) -> str:
@@ -131,7 +163,7 @@ def stats_dir(train: Records, data_path: str, workdir: str, resize_size: int, sa
     UserInputError: process 0 did not write them in time, or where the others can read.
   """
   key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{train.name.split('/')[-1]}_{resize_size}_{sample}")
-  folders = [os.path.join(data_path, f"alexnet_jax_stats_{key}"), os.path.join(workdir, key)]
+  folders = [storage.join(data_path, f"alexnet_jax_stats_{key}"), storage.join(workdir, key)]
   if jax.process_index() == 0 and not _with_stats(folders):
     _write_beside_data_or_in_workdir(
       folders, image_stats(rescaled_sample(train, resize_size, sample))
@@ -154,12 +186,12 @@ def _with_stats(folders: list[str]) -> str | None:
 
 def _write_beside_data_or_in_workdir(folders: list[str], stats: Stats) -> None:
   """Writes `stats` into folders[0], or folders[1] where folders[0] cannot be written (a
-  read-only data directory)."""
+  read-only data directory or bucket)."""
   try:
-    os.makedirs(folders[0], exist_ok=True)
+    storage.path(folders[0]).mkdir(parents=True, exist_ok=True)
     write_stats(folders[0], stats)
   except OSError:
-    os.makedirs(folders[1], exist_ok=True)
+    storage.path(folders[1]).mkdir(parents=True, exist_ok=True)
     write_stats(folders[1], stats)
 
 

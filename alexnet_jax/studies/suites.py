@@ -6,7 +6,8 @@ device groups, skipping finished runs (a DONE file), marking diverged ones (a DI
 and stopping the suite on SIGTERM once the running ones saved; `report`, `curves` and
 `figure1` read only the runs' files (metrics.jsonl lines carry step and epoch), so a report
 needs neither the dataset nor TensorFlow. experiment.json pins a suite's settings: another
-config for an existing DIR is refused, more seeds are added.
+config for an existing DIR is refused, more seeds are added. DIR may be a bucket (gs://):
+every file here is written whole (`files.atomic_path`), none appended or renamed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from alexnet_jax.core import files
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.training import builders, metrics, preemption
 from alexnet_jax.training.config_check import check_config
@@ -103,17 +104,16 @@ def plan(config: ml_collections.ConfigDict, suite: dict, seeds: int, workdir: st
         builders.create_model(run_config)
       except (UserInputError, ValueError) as e:
         raise UserInputError(f"variant {variant}: {e}") from None
-      runs.append(Run(variant, seed, run_config, os.path.join(workdir, variant, f"seed{seed}")))
+      runs.append(Run(variant, seed, run_config, storage.join(workdir, variant, f"seed{seed}")))
   return runs
 
 
 def check_settings(workdir: str, settings: dict) -> None:
   """The first call records the suite's settings; a later one must match them, but for the
   number of seeds: more adds runs beside the finished ones, fewer reports only those."""
-  path = os.path.join(workdir, SETTINGS)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  path = storage.path(workdir) / SETTINGS
+  if path.exists():
+    old = json.loads(path.read_text())
     changed = sorted(
       k for k in old.keys() | settings.keys() if k != "seeds" and old.get(k) != settings.get(k)
     )
@@ -124,8 +124,8 @@ def check_settings(workdir: str, settings: dict) -> None:
       )
     if old == settings:
       return
-  os.makedirs(workdir, exist_ok=True)
-  files.write_text(path, json.dumps(settings, indent=1, sort_keys=True))
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
+  files.write_text(str(path), json.dumps(settings, indent=1, sort_keys=True))
 
 
 def device_groups(devices: Sequence[Any], runs_at_once: int) -> list[list[Any]]:
@@ -139,16 +139,20 @@ def device_groups(devices: Sequence[Any], runs_at_once: int) -> list[list[Any]]:
 
 
 def _done_path(run: Run) -> str:
-  return os.path.join(run.workdir, "DONE")
+  return storage.join(run.workdir, "DONE")
 
 
 def _diverged_path(run: Run) -> str:
-  return os.path.join(run.workdir, "DIVERGED")
+  return storage.join(run.workdir, "DIVERGED")
+
+
+def _exists(path: str) -> bool:
+  return storage.path(path).exists()
 
 
 def _finished(run: Run) -> bool:
   """Trained to the end, or stopped for good by a NaN/Inf (a sweep's too-high rate)."""
-  return os.path.exists(_done_path(run)) or os.path.exists(_diverged_path(run))
+  return _exists(_done_path(run)) or _exists(_diverged_path(run))
 
 
 def execute(runs: list[Run], runs_at_once: int = 1) -> None:
@@ -169,7 +173,7 @@ def execute(runs: list[Run], runs_at_once: int = 1) -> None:
       train.train_and_evaluate(config, run.workdir)
     except train.NonFiniteLoss as e:
       logging.warning("run %s seed %d diverged: %s", run.variant, run.seed, e)
-      os.makedirs(run.workdir, exist_ok=True)
+      storage.path(run.workdir).mkdir(parents=True, exist_ok=True)
       files.write_text(_diverged_path(run), f"{e}\n")
       return
     if preemption.signals_received() == before:
@@ -230,8 +234,8 @@ def report(suite: dict, runs: list[Run]) -> str:
   notes = []
   for variant, (_, claim) in suite.items():
     mine = [r for r in runs if r.variant == variant]
-    done = [summarize(r) for r in mine if os.path.exists(_done_path(r))]
-    diverged = [r for r in mine if os.path.exists(_diverged_path(r))]
+    done = [summarize(r) for r in mine if _exists(_done_path(r))]
+    diverged = [r for r in mine if _exists(_diverged_path(r))]
 
     def found(key: str) -> list[float]:
       return [d[key] for d in done if d[key] is not None]
@@ -254,8 +258,7 @@ def report(suite: dict, runs: list[Run]) -> str:
 
 
 def _first_line(run: Run) -> str:
-  with open(_diverged_path(run)) as f:
-    return f.readline().strip()
+  return storage.path(_diverged_path(run)).read_text().split("\n", 1)[0].strip()
 
 
 def _aligned(runs: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray]:
@@ -273,7 +276,7 @@ def curves(runs: list[Run]) -> dict:
   for variant in dict.fromkeys(r.variant for r in runs):
     parts = {"train": [], "val": []}
     for run in runs:
-      if run.variant != variant or not os.path.exists(_done_path(run)):
+      if run.variant != variant or not _exists(_done_path(run)):
         continue
       records = metrics.read_metrics(run.workdir)
       for part, key in (("train", "train/top1_error"), ("val", "val/top1_error")):
@@ -314,7 +317,7 @@ def figure1(workdir: str, runs: list[Run], target: float) -> str | None:
   found = {v: c["train"] for v, c in curves(chosen).items()}
   by_epoch = {v: (np.asarray([epoch[s] for s in steps]), e) for v, (steps, e) in found.items()}
   reached = {v: first_reach(e, errors, target) for v, (e, errors) in by_epoch.items()}
-  figures.figure1(by_epoch, target, reached, os.path.join(workdir, "figure1.png"))
+  figures.figure1(by_epoch, target, reached, storage.join(workdir, "figure1.png"))
   fast, slow = reached.get(relu), reached.get("tanh")
   ratio = f"{slow / fast:.1f}x" if fast and slow else "not measurable (a variant never got there)"
   line = (
@@ -345,9 +348,9 @@ def run_suite(
   if seeds < 1:
     raise UserInputError(f"--seeds={seeds}: run each variant at least once")
   suite = load_suite(suite_name)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   if config.dataset == "synthetic" and not config.data_dir:
-    config = with_overrides(config, {"data_dir": os.path.join(workdir, "data")})  # generated once
+    config = with_overrides(config, {"data_dir": storage.join(workdir, "data")})  # generated once
   runs = plan(config, suite, seeds, workdir)
   if not report_only:
     device_groups(jax.devices(), runs_at_once)
@@ -361,8 +364,8 @@ def run_suite(
   table = report(suite, runs)
   from alexnet_jax.analysis import figures
 
-  figures.suite_curves(curves(runs), os.path.join(workdir, "curves.png"))
+  figures.suite_curves(curves(runs), storage.join(workdir, "curves.png"))
   line = figure1(workdir, runs, target_error)
   text = table + ("\n" + line if line else "")
-  files.write_text(os.path.join(workdir, "results.md"), text)
+  files.write_text(storage.join(workdir, "results.md"), text)
   return text

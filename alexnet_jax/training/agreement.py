@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # imported by main before JAX's distributed start: no TensorF
 
 # Keys that may differ between processes: each host may read its own copy of the data, at
 # its own path; the data itself (sizes, classes, statistics) is compared.
-PER_PROCESS_KEYS = ("data_dir",)
+PER_PROCESS_KEYS = ("data_dir", "stage_dir")
 _SHOWN = 4  # differences named per process in the message, and processes named
 _XLA_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
 

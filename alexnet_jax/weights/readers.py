@@ -10,23 +10,29 @@ and no file makes us allocate more than the tensors it should hold.
   (the layout's) before any tensor's data is read: a small file that declares huge tensors is
   refused at the cost of its headers.
 
+A file in a bucket (gs://) is downloaded whole to a local temporary file first (`_local`) and
+checked as a local one; messages name it by its gs:// path. Writes are whole-file uploads
+(`files.atomic_path`).
+
 Which layout the tensors are in, and its conversion to ours, is layouts.py's.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import math
 import mmap
 import os
 import pickle
+import tempfile
 import zipfile
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from alexnet_jax.core import files
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
@@ -48,6 +54,23 @@ _NPY_HEADERS = {
 }
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 _SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors package's own limit
+
+
+@contextlib.contextmanager
+def _local(path: str) -> Iterator[str]:
+  """A local file holding `path`: itself, or for a file in a bucket a temporary copy of it (the
+  readers map files and torch and safetensors read local files only), removed afterwards. The
+  download costs the file's own size; no tensor it declares is allocated before the checks."""
+  if not storage.is_remote(path):
+    yield path
+    return
+  fs, name = storage.filesystem(path)
+  if not fs.isfile(name):
+    raise UserInputError(f"weights file {path} does not exist")
+  with tempfile.TemporaryDirectory(prefix="alexnet_jax_weights_") as folder:
+    local = os.path.join(folder, os.path.basename(name))
+    files.download(path, local)
+    yield local
 
 
 # Caffe's .npy: a pickle, rebuilt by an unpickler that cannot run code or allocate.
@@ -148,7 +171,7 @@ def _resolved(tree: Any) -> Any:
 def read_caffe_npy(path: str) -> dict:
   """The {layer: [weights, biases]} dict of a caffe-tensorflow .npy (written by Python 2 or 3),
   its arrays float views of the file's bytes."""
-  with open(path, "rb") as f:
+  with _local(path) as file, open(file, "rb") as f:
     try:
       version = np.lib.format.read_magic(f)
       shape, _, dtype = _NPY_HEADERS[version](f)
@@ -200,15 +223,17 @@ def read_state_dict(path: str, check: Check | None = None) -> dict[str, np.ndarr
       f"unknown weights format {suffix or path!r} of {path}; use a state dict "
       f"({', '.join(STATE_DICT_SUFFIXES)}) or Caffe's .npy"
     )
-  return reader(path, check or (lambda declared: None))
+  with _local(path) as file:
+    return reader(file, path, check or (lambda declared: None))
 
 
-def _read_torch(path: str, check: Check) -> dict[str, np.ndarray]:
+def _read_torch(file: str, path: str, check: Check) -> dict[str, np.ndarray]:
   """Mapped (zip files, torch.save's since 1.6), so the check runs before any data is read;
-  torch itself refuses a storage larger than its record in the file."""
+  torch itself refuses a storage larger than its record in the file. `file` is read, `path`
+  named in messages (they differ for a file in a bucket: `_local`)."""
   torch = _need("torch", path)
   try:
-    tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
   except Exception as e:  # torch's refusal of pickled code, or a corrupt file
     raise UserInputError(
       f"{path} is not a state dict PyTorch loads with weights_only=True: {str(e).splitlines()[0]}"
@@ -224,19 +249,19 @@ def _read_torch(path: str, check: Check) -> dict[str, np.ndarray]:
   return {k: v.detach().to(torch.float32, copy=True).numpy() for k, v in tensors.items()}
 
 
-def _read_safetensors(path: str, check: Check) -> dict[str, np.ndarray]:
-  check(_safetensors_header(path))
+def _read_safetensors(file: str, path: str, check: Check) -> dict[str, np.ndarray]:
+  check(_safetensors_header(file, path))
   load_file = _need("safetensors.numpy", path).load_file
   try:
-    return dict(load_file(path))
+    return dict(load_file(file))
   except Exception as e:  # safetensors' own error types
     raise UserInputError(f"cannot read {path} as safetensors: {str(e).splitlines()[0]}") from None
 
 
-def _safetensors_header(path: str) -> dict[str, Declared]:
+def _safetensors_header(file: str, path: str) -> dict[str, Declared]:
   """The tensors a .safetensors file declares: its first 8 bytes give the length of the JSON
   header that follows, {name: {dtype, shape, data_offsets}}."""
-  with open(path, "rb") as f:
+  with open(file, "rb") as f:
     length = int.from_bytes(f.read(8), "little")
     size = os.fstat(f.fileno()).st_size
     try:
@@ -255,12 +280,12 @@ def _safetensors_header(path: str) -> dict[str, Declared]:
       raise UserInputError(f"cannot read {path} as safetensors: {e}") from None
 
 
-def _read_npz(path: str, check: Check) -> dict[str, np.ndarray]:
+def _read_npz(file: str, path: str, check: Check) -> dict[str, np.ndarray]:
   """An .npz read member by member through the zip's own bounds: each member's .npy header is
   read, checked against its size in the zip's directory and shown to `check` before any
   member's data is inflated."""
   try:
-    archive = zipfile.ZipFile(path)
+    archive = zipfile.ZipFile(file)
   except (OSError, zipfile.BadZipFile) as e:
     raise UserInputError(
       f"cannot read {path} as .npz: not a zip archive ({e}); a state dict .npz is what "

@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, TRAIN_PER_CLASS, assert_close
 
 from alexnet_jax.analysis import featurefile, features, paper_figures
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import datasets, synthetic
 from alexnet_jax.model import sharding
@@ -135,11 +136,13 @@ def test_the_cli_on_a_folder_reports_what_it_wrote_and_skipped(run, val_features
   assert_features_of(output, picked, val_features)
 
 
-def test_paper_figures_in_one_call(run, tmp_path):
-  out = paper_figures.run(run, str(tmp_path / "figs"), num_queries=3, k=4, batch_size=8)
-  assert sorted(os.listdir(tmp_path / "figs")) == sorted(paper_figures.FILES.values())
-  with open(out["kernels"], "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+@pytest.mark.parametrize("where", ["local", pytest.param("bucket", marks=pytest.mark.slow)])
+def test_paper_figures_in_one_call(run, tmp_path, request, where):
+  folder = str(tmp_path) if where == "local" else request.getfixturevalue("gcs").bucket()
+  out = paper_figures.run(run, f"{folder}/figs", num_queries=3, k=4, batch_size=8)
+  figs = storage.path(f"{folder}/figs")
+  assert sorted(p.name for p in figs.iterdir()) == sorted(paper_figures.FILES.values())
+  assert storage.path(out["kernels"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert len(featurefile.read(out["train"])["path"]) == 10 * TRAIN_PER_CLASS
 
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax.analysis import figures
+from alexnet_jax.core import storage
 
 
 def png_size(path):
@@ -90,3 +91,17 @@ def test_figures_from_features_files(tmp_path):
     360,
     120,
   )
+
+
+def test_figures_are_saved_into_a_bucket_as_they_are_locally(gcs, tmp_path):
+  """The same PNG bytes in a bucket as in a local folder, each object uploaded whole."""
+  bucket = gcs.bucket()
+  kernel = np.random.default_rng(0).normal(size=(1, 11, 11, 3, 8)).astype(np.float32)
+  records = [{"step": s, "train/loss": 1 / s, "learning_rate": 0.01} for s in range(1, 4)]
+  for folder in (str(tmp_path), f"{bucket}/figures"):
+    figures.save_kernels(kernel, f"{folder}/k.png", columns=4)
+    figures.training_curves(records, f"{folder}/c.png", dpi=30)
+  assert gcs.files(bucket) == [f"{bucket}/figures/c.png", f"{bucket}/figures/k.png"]
+  for name in ("k.png", "c.png"):
+    remote = storage.path(f"{bucket}/figures/{name}").read_bytes()
+    assert remote == (tmp_path / name).read_bytes(), name

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import add, jpeg, params_of
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import prepare_inputs, prepare_shards, shard_format, sources
 from alexnet_jax.data.batches import eval_batches, rescaled_sample, train_batches
@@ -388,3 +389,35 @@ def test_statistics_of_no_images_are_refused(tmp_path):
     prepare_shards.write_shard(empty, [], pool, quality=90)
   with pytest.raises(UserInputError, match="no images to compute the statistics"):
     prepare_shards.compute_stats(sources.Shards((empty,), 0, (), 256), sample=10)
+
+
+def generations(gcs, url: str) -> dict[str, str]:
+  """Every object under url and its generation (a new one for each write)."""
+  fs, name = storage.filesystem(url)
+  return {k: v["generation"] for k, v in fs.find(name, detail=True).items()}
+
+
+def test_prepare_into_a_bucket_resumes_and_refuses_another_input(gcs, tmp_path):
+  """Into a bucket as locally: the info file first, each shard uploaded whole when written; a
+  rerun writes only the shard that is missing, one over another input writes nothing."""
+  tree, out, stage = make_tree(tmp_path / "tree"), f"{gcs.bucket()}/out", str(tmp_path / "s")
+  info = prepare_shards.prepare(tree, out, stats_images=4, workers=1, stage_dir=stage)
+  assert info == shard_format.read_finished_info(out) and info.splits["train"].num_images == 6
+  assert [os.path.basename(f) for f in gcs.files(out)] == [
+    "dataset_info.json",
+    "stats.npz",
+    "0000.array_record",
+    "0001.array_record",
+    "00000.array_record",
+  ]
+  storage.path(f"{out}/train/0001.array_record").unlink()
+  shutil.rmtree(stage)  # another host: nothing on its disk
+  before = generations(gcs, out)
+  assert prepare_shards.prepare(tree, out, stats_images=4, workers=1, stage_dir=stage) == info
+  after = generations(gcs, out)
+  rewritten = {os.path.basename(k) for k in after if after[k] != before.get(k)}
+  assert rewritten == {"0001.array_record", "dataset_info.json"}  # the info: when finished
+  make_tree(tmp_path / "tree", ("bird",))
+  with pytest.raises(UserInputError, match=r"new \['bird'\]"):
+    prepare_shards.prepare(tree, out, stats_images=4, workers=1, stage_dir=stage)
+  assert generations(gcs, out) == after

@@ -58,3 +58,16 @@ def test_channel_mean_subtraction_flattens_the_mean_image(tmp_path):
   write_stats(str(tmp_path), Stats(mean_image, np.ones(3, np.float32), np.eye(3, dtype=np.float32)))
   flat = load_stats(str(tmp_path), 4, (0, 0, 0), per_pixel=False)
   np.testing.assert_allclose(flat.mean_image, np.broadcast_to([1.0, 2.0, 3.0], (4, 4, 3)))
+
+
+def test_statistics_are_written_to_and_read_from_a_bucket(gcs):
+  bucket = f"{gcs.bucket()}/data"
+  assert read_stats(bucket) is None
+  stats = image_stats(pixels(seed) for seed in range(3))
+  write_stats(bucket, stats)
+  assert gcs.files(bucket) == [f"{bucket}/stats.npz"]
+  back = read_stats(bucket)
+  np.testing.assert_array_equal(back.mean_image, stats.mean_image)
+  assert back.num_images == 3
+  with pytest.raises(UserInputError, match=r"gs://.*/data/stats.npz holds a 16-pixel"):
+    load_stats(bucket, 32, (0, 0, 0))

@@ -12,8 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import add, jpeg, params_of, small_config
 
+from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.data import datasets, sources, tfds_source
+from alexnet_jax.data import datasets, sources, staging, tfds_source
 from alexnet_jax.data.batches import eval_batches, train_batches
 from alexnet_jax.data.stats import image_stats, load_stats, read_stats, write_stats
 from alexnet_jax.training import metrics, train
@@ -315,3 +316,23 @@ def test_train_evaluate_ten_patches_and_resume_exactly_on_tfds_imagenet2012(tfds
   assert logged(straight) == logged(resumed)
   assert datasets.load_splits(config, resumed).train.name == "imagenet2012/5.1.0/train"
   shutil.rmtree(straight)
+
+
+def test_a_tfds_dataset_in_a_bucket_is_staged_and_its_statistics_kept_there(
+  tfds_dir, gcs, tmp_path
+):
+  """Only the dataset's own folder is copied; the statistics go beside the data, in the
+  bucket, for every host and run."""
+  bucket = gcs.bucket()
+  fs, base = storage.filesystem(bucket)
+  fs.put(tfds_dir, f"{base}/tfds", recursive=True)
+  fs.pipe_file(f"{base}/tfds/other/1.0.0/x", b"not read")
+  config = tfds_config(f"{bucket}/tfds", stage_dir=str(tmp_path / "stage"), stats_images=5)
+  data = datasets.load_splits(config, str(tmp_path / "run"))
+  local = tfds_source.open_splits("imagenet2012", tfds_dir, "train", "")
+  assert len(data.train) == len(local.train) == 22
+  assert data.train.source[3] == local.train.source[3] and data.stats.num_images == 5
+  staged = staging.local_dir(f"{bucket}/tfds", str(tmp_path / "stage"))
+  assert [f for f in os.listdir(staged) if not f.startswith(".")] == ["imagenet2012"]
+  assert any("/imagenet2012/5.1.0/alexnet_jax_stats_" in f for f in gcs.files(bucket))
+  assert not os.path.exists(tmp_path / "run")  # nothing in the workdir

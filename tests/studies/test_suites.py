@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, small_config, small_settings
 
+from alexnet_jax.core import files, storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.studies import suites
 from alexnet_jax.training import metrics, preemption, train
@@ -143,13 +144,15 @@ def test_bad_suites_fail_before_any_run(tmp_path, data_dir, monkeypatch, text, o
   assert "\n" not in str(error.value)
 
 
-def test_other_settings_for_an_existing_suite_are_refused(tmp_path):
-  suites.check_settings(str(tmp_path), {"seeds": 2, "suite": {"a": {}}})
-  suites.check_settings(str(tmp_path), {"seeds": 2, "suite": {"a": {}}})  # the same: fine
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_other_settings_for_an_existing_suite_are_refused(tmp_path, request, where):
+  folder = str(tmp_path) if where == "local" else f"{request.getfixturevalue('gcs').bucket()}/s"
+  suites.check_settings(folder, {"seeds": 2, "suite": {"a": {}}})
+  suites.check_settings(folder, {"seeds": 2, "suite": {"a": {}}})  # the same: fine
   with pytest.raises(UserInputError, match=r"other settings \(suite differ\)"):
-    suites.check_settings(str(tmp_path), {"seeds": 2, "suite": {"a": {"seed": 1}}})
-  suites.check_settings(str(tmp_path), {"seeds": 3, "suite": {"a": {}}})  # a seed more
-  assert '"seeds": 3' in (tmp_path / suites.SETTINGS).read_text()
+    suites.check_settings(folder, {"seeds": 2, "suite": {"a": {"seed": 1}}})
+  suites.check_settings(folder, {"seeds": 3, "suite": {"a": {}}})  # a seed more
+  assert '"seeds": 3' in storage.path(folder).joinpath(suites.SETTINGS).read_text()
 
 
 def test_runs_side_by_side_get_disjoint_devices():
@@ -274,3 +277,20 @@ def test_figure1_line_gives_the_epochs_to_the_target_and_their_ratio(tmp_path):
   line = suites.figure1(workdir, runs, 0.15)
   assert "never with tanh" in line and "ReLU 10.0%, tanh 20.0%; --target_error=0.20" in line
   assert not os.path.exists(tmp_path / "data")  # the epochs came from the metrics lines
+
+
+def test_a_suite_in_a_bucket_reports_from_its_runs_metrics(gcs, tmp_path):
+  """--report_only on a suite folder in a bucket (its runs' metrics.jsonl and DONE files
+  uploaded): results.md, curves.png and figure1.png are written there, whole."""
+  local, suite_dir = str(tmp_path / "suite"), f"{gcs.bucket()}/suite"
+  config = tiny(str(tmp_path / "data"))
+  finished_figure1_runs(config, local)
+  for path in (tmp_path / "suite").rglob("*"):
+    if path.is_file():
+      files.upload(str(path), f"{suite_dir}/{path.relative_to(local)}")
+  text = suites.run_suite(config, "figure1", suite_dir, report_only=True)
+  assert "tanh takes 2.0x as long" in text and rows(text)["relu"][-1] == "1/1"
+  assert storage.path(f"{suite_dir}/results.md").read_text() == text
+  names = {f.removeprefix(suite_dir + "/") for f in gcs.files(suite_dir)}
+  assert {"results.md", "curves.png", "figure1.png"} <= names
+  assert not os.path.exists(tmp_path / "data")

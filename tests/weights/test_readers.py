@@ -8,8 +8,9 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import TORCHVISION_SHAPES, Exploit, assert_trees_equal, need_torch
+from conftest import TORCHVISION_SHAPES, Exploit, assert_trees_equal, need_torch, normal
 
+from alexnet_jax.core import files
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.weights import layouts, readers
 
@@ -258,4 +259,62 @@ def test_pth_shapes_are_checked_before_any_tensor_is_copied(tmp_path, monkeypatc
 
   monkeypatch.setattr(torch.Tensor, "numpy", copied)
   with pytest.raises(UserInputError, match=r"classifier.1.weight \(4096, 4\) \(expected"):
+    layouts.read_pretrained(path)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_state_dicts_round_trip_through_a_bucket(gcs, suffix):
+  """Small tensors: the full-size layout through a bucket is tests/system/test_gcs_outputs.py's
+  (230 MB, 10 s through the local server)."""
+  bucket = gcs.bucket()
+  path = f"{bucket}/weights/alexnet{suffix}"
+  rng = np.random.default_rng(0)
+  tensors = {"features.0.weight": normal(rng, (4, 3, 2, 2), 1), "features.0.bias": np.ones(4)}
+  readers.write_state_dict(tensors, path)
+  assert gcs.files(bucket) == [path]  # one whole object, no temporary one left
+  assert_trees_equal(readers.read_state_dict(path), tensors)
+
+
+def damaged_npz(path: str) -> str:
+  """An .npz whose one member declares 64 MB of float32 and holds 16 bytes."""
+  with zipfile.ZipFile(path, "w") as archive:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+      header, {"descr": "<f4", "fortran_order": False, "shape": (SLOTS,)}
+    )
+    archive.writestr("features.0.weight.npy", header.getvalue() + b"\0" * 16)
+  return path
+
+
+def caffe_exploit(path: str, marker) -> str:
+  np.save(path, {"conv1": [Exploit(marker), np.zeros(96, np.float32)]}, allow_pickle=True)
+  return path
+
+
+@pytest.mark.parametrize(
+  "name, make, read",
+  [
+    ("damaged.npz", lambda path, _: damaged_npz(path), readers.read_state_dict),
+    ("bvlc_alexnet.npy", caffe_exploit, readers.read_caffe_npy),
+  ],
+)
+def test_a_bad_weights_file_in_a_bucket_is_refused_with_the_local_error(
+  gcs, tmp_path, name, make, read
+):
+  """The file is downloaded and checked as a local one: the same one-line error, naming the
+  bucket's file, nothing run and nothing allocated for what it declares."""
+  local, remote = make(str(tmp_path / name), tmp_path / "pwned"), f"{gcs.bucket()}/{name}"
+  files.upload(local, remote)
+  with pytest.raises(UserInputError) as local_error:
+    read(local)
+  with Peak() as peak, pytest.raises(UserInputError) as remote_error:
+    read(remote)
+  assert str(remote_error.value) == str(local_error.value).replace(local, remote)
+  assert remote in str(remote_error.value) and "\n" not in str(remote_error.value)
+  assert peak.bytes < 8 * MB and not (tmp_path / "pwned").exists()
+
+
+def test_a_missing_weights_file_in_a_bucket_is_named(gcs):
+  path = f"{gcs.bucket()}/alexnet.pth"
+  with pytest.raises(UserInputError, match=f"^weights file {path} does not exist$"):
     layouts.read_pretrained(path)
