@@ -12,9 +12,12 @@ which packages that kernel has imported.
   (Colab's TPU runtime), requirements/tensorflow.txt too.
 - pip's default upgrade strategy, "only if needed": a package that is there and within
   requirements.txt's range stays as it is.
-- JAX for the accelerator: `jax[cuda12]==V` on a GPU, `jax[tpu]==V` on a TPU, V the jax version
-  installed by then, so the plugin (or libtpu) matches jaxlib. A TPU is found the way JAX finds
-  one: the `libtpu` package, or a PCI device of Google's vendor id 0x1ae0.
+- JAX for the accelerator: `jax[cuda12]` on a GPU, `jax[tpu]` on a TPU, resolved in the same pip
+  run as requirements/package.txt's jax range. jax's extras pin the CUDA plugin (or libtpu) and
+  jaxlib to exactly jax's own version, so pip installs a jax whose plugin exists, with its
+  plugin: installing jax first and then `jax[cuda12]==V` fails when V's plugin is not
+  published (jax 0.12.1 has none; 0.12.0.1 has). A TPU is found the way JAX finds one: the
+  `libtpu` package, or a PCI device of Google's vendor id 0x1ae0.
 - A package the kernel had imported and pip replaced needs a restart of the runtime: one line
   says so and the cell stops (SystemExit); run it again after the restart and it goes on.
 
@@ -49,13 +52,13 @@ def _installed() -> dict[str, str]:
   }
 
 
-def requirements(repo: str, installed: dict[str, str]) -> list[str]:
-  """pip's arguments for the repository's requirements: the package's, and TensorFlow's only
-  where no TensorFlow distribution is installed."""
+def install_arguments(repo: str, installed: dict[str, str], extra: str | None) -> list[str]:
+  """pip's arguments: the package's requirements, TensorFlow's only where no TensorFlow
+  distribution is installed, and JAX's accelerator extra (`extra`) where there is one."""
   args = ["-r", os.path.join(repo, "requirements", "package.txt")]
   if not any(name in installed for name in TENSORFLOWS):
     args += ["-r", os.path.join(repo, "requirements", "tensorflow.txt")]
-  return args
+  return args + ([f"jax[{extra}]"] if extra else [])
 
 
 def accelerator() -> str | None:
@@ -94,14 +97,13 @@ def replaced_but_imported(before: dict[str, str], after: dict[str, str]) -> list
 
 def main(repo: str = ".") -> None:
   before = _installed()
-  _pip(requirements(repo, before))
   extra = accelerator()
-  if extra:
-    _pip([f"jax[{extra}]=={importlib.metadata.version('jax')}"])
+  _pip(install_arguments(repo, before, extra))
   after = _installed()
   print(
-    f"installed for {extra or 'cpu'}: jax {after.get('jax')}, flax {after.get('flax')}, "
-    f"tensorflow {next((after[t] for t in TENSORFLOWS if t in after), None)}"
+    f"installed for {extra or 'cpu'}: jax {after.get('jax')}, jaxlib {after.get('jaxlib')}, "
+    f"cuda plugin {after.get('jax-cuda12-plugin')}, libtpu {after.get('libtpu')}, flax "
+    f"{after.get('flax')}, tensorflow {next((after[t] for t in TENSORFLOWS if t in after), None)}"
   )
   stale = replaced_but_imported(before, after)
   if stale:

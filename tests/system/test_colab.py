@@ -144,8 +144,10 @@ def test_the_install_step_keeps_a_present_tensorflow():
   package, tensorflow = (
     os.path.join(ROOT, "requirements", f) for f in ("package.txt", "tensorflow.txt")
   )
-  assert colab_install.requirements(ROOT, {"tensorflow": "2.20.0"}) == ["-r", package]
-  assert colab_install.requirements(ROOT, {"jax": "0.7.2"}) == ["-r", package, "-r", tensorflow]
+  args = colab_install.install_arguments
+  assert args(ROOT, {"tensorflow": "2.20.0"}, None) == ["-r", package]
+  assert args(ROOT, {"jax": "0.7.2"}, None) == ["-r", package, "-r", tensorflow]
+  assert args(ROOT, {"tensorflow": "2.20.0"}, "cuda12") == ["-r", package, "jax[cuda12]"]
   # pytest itself is imported here: a changed pytest would need a restart, an unknown one not.
   import importlib.metadata
 
