@@ -71,13 +71,19 @@ def _me() -> dict:
 
 
 def _pid_alive(pid: int) -> bool:
+  """Whether `pid` runs: a killed process its parent has not reaped yet (a zombie, state Z in
+  Linux's /proc) still answers signals but holds nothing."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:  # another user's process: alive
     pass
-  return True
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True
 
 
 def _is_stale(owner: dict) -> bool:

@@ -41,6 +41,22 @@ def test_a_live_holder_is_refused_and_its_lock_taken_over_once_it_is_killed(tmp_
   assert os.listdir(tmp_path) == []  # released, and no stale copy left
 
 
+def test_a_killed_holder_not_yet_reaped_is_stale(tmp_path):
+  """SIGKILLed, its parent (here, this test) not having waited for it: a zombie holds nothing,
+  and a rerun started right after the kill takes its lock over."""
+  proc = hold_lock(tmp_path)
+  proc.send_signal(signal.SIGKILL)
+  try:
+    for _ in range(100):  # until the kernel has made it a zombie
+      with open(f"/proc/{proc.pid}/stat") as f:
+        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+          break
+    with locks.take(str(tmp_path), "workdir", "x") as lock:
+      assert json.load(open(lock.path))["pid"] == os.getpid()
+  finally:
+    proc.wait()
+
+
 def test_a_pid_now_used_by_another_process_is_stale(tmp_path):
   """Our own pid, alive, but recorded with another start: a process before us had it."""
   lock_naming(tmp_path, host=socket.gethostname(), pid=os.getpid(), process_start=1)
