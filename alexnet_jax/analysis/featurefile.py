@@ -278,22 +278,14 @@ def _missing(path: str) -> UserInputError:
 
 def _read_downloaded(path: str) -> dict[str, np.ndarray]:
   """A features file in a bucket, downloaded whole to a local temporary file first (a memory
-  map needs a local file; free space checked), then read as a local one. The temporary name is
-  removed at once: the data stays on the disk only while `fc7`'s mapping lives."""
-  fs, name = storage.filesystem(path)
-  if not fs.isfile(name):
-    raise _missing(path)
-  size, folder = fs.size(name), tempfile.gettempdir()
-  free = shutil.disk_usage(folder).free
-  if size > free:
-    raise UserInputError(
-      f"reading {path} needs {size / 1e9:.2f} GB free to download it but {folder} has "
-      f"{free / 1e9:.2f} GB free: free some space or point TMPDIR at a larger local disk"
-    )
-  with tempfile.TemporaryDirectory(prefix="alexnet_jax_features_") as local:
-    copy = os.path.join(local, os.path.basename(name))
-    files.download(path, copy)
-    return _read(copy, path)
+  map needs a local file; `files.local_copy` checks the space), then read as a local one. The
+  temporary name is removed at once: the data stays on the disk only while `fc7`'s mapping
+  lives."""
+  try:
+    with files.local_copy(path) as copy:
+      return _read(copy, path)
+  except FileNotFoundError:
+    raise _missing(path) from None
 
 
 def _read(file: str, path: str) -> dict[str, np.ndarray]:

@@ -15,11 +15,13 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import socket
 import tempfile
 from typing import Iterator
 
 from alexnet_jax.core import storage
+from alexnet_jax.core.errors import UserInputError
 
 
 def temporary_name(path: str) -> str:
@@ -89,6 +91,34 @@ def download(remote: str, local: str) -> None:
   fs, name = storage.filesystem(remote)
   with atomic_path(local) as tmp:
     fs.get_file(name, tmp)
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+  """A local file holding `path`: itself, or for a file in a bucket a temporary copy of it
+  (memory maps, torch and safetensors read local files only), removed when the block ends.
+
+  Raises:
+    FileNotFoundError: the bucket has no such file.
+    UserInputError: the temporary folder ($TMPDIR) lacks the space for the copy.
+  """
+  if not storage.is_remote(path):
+    yield path
+    return
+  fs, name = storage.filesystem(path)
+  if not fs.isfile(name):
+    raise FileNotFoundError(path)
+  size, folder = fs.size(name), tempfile.gettempdir()
+  free = shutil.disk_usage(folder).free
+  if size > free:
+    raise UserInputError(
+      f"reading {path} needs {size / 1e9:.2f} GB free to download it but {folder} has "
+      f"{free / 1e9:.2f} GB free: free some space or point TMPDIR at a larger local disk"
+    )
+  with tempfile.TemporaryDirectory(prefix="alexnet_jax_download_") as local:
+    copy = os.path.join(local, os.path.basename(name))
+    download(path, copy)
+    yield copy
 
 
 def write_text(path: str, text: str) -> None:

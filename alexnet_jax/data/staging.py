@@ -170,10 +170,9 @@ def stage(
         f"{free / 2**30:.2f} GiB free: set --config.stage_dir to a folder on a bigger disk"
       )
     _remove_others(local, trees, set(wanted))
-    fs, base = storage.filesystem(remote)
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
       copies = {
-        pool.submit(_copy, fs, info["name"], os.path.join(local, name)): (name, info)
+        pool.submit(_copy, storage.join(remote, name), os.path.join(local, name)): (name, info)
         for name, info in todo.items()
       }
       for done in concurrent.futures.as_completed(copies):
@@ -192,10 +191,9 @@ def stage(
   return staged
 
 
-def _copy(fs, name: str, path: str) -> None:
+def _copy(url: str, path: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with files.atomic_path(path) as tmp:
-    fs.get_file(name, tmp)
+  files.download(url, path)
 
 
 def _remove_others(local: str, trees: Iterable[str], keep: set[str]) -> None:

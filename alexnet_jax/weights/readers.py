@@ -26,7 +26,6 @@ import math
 import mmap
 import os
 import pickle
-import tempfile
 import zipfile
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
@@ -58,19 +57,16 @@ _SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors package's own limit
 
 @contextlib.contextmanager
 def _local(path: str) -> Iterator[str]:
-  """A local file holding `path`: itself, or for a file in a bucket a temporary copy of it (the
-  readers map files and torch and safetensors read local files only), removed afterwards. The
-  download costs the file's own size; no tensor it declares is allocated before the checks."""
-  if not storage.is_remote(path):
-    yield path
-    return
-  fs, name = storage.filesystem(path)
-  if not fs.isfile(name):
-    raise UserInputError(f"weights file {path} does not exist")
-  with tempfile.TemporaryDirectory(prefix="alexnet_jax_weights_") as folder:
-    local = os.path.join(folder, os.path.basename(name))
-    files.download(path, local)
-    yield local
+  """A local file holding `path` (`files.local_copy`: the readers map files and torch and
+  safetensors read local files only). The download costs the file's own size; no tensor it
+  declares is allocated before the checks."""
+  try:
+    with files.local_copy(path) as local:
+      yield local
+  except FileNotFoundError:
+    if not storage.is_remote(path):
+      raise
+    raise UserInputError(f"weights file {path} does not exist") from None
 
 
 # Caffe's .npy: a pickle, rebuilt by an unpickler that cannot run code or allocate.
