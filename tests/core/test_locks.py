@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 import pytest
 from conftest import hold_lock
@@ -47,10 +48,11 @@ def test_a_killed_holder_not_yet_reaped_is_stale(tmp_path):
   proc = hold_lock(tmp_path)
   proc.send_signal(signal.SIGKILL)
   try:
-    for _ in range(100):  # until the kernel has made it a zombie
+    for _ in range(400):  # until the kernel has made it a zombie (up to 20 s on a busy machine)
       with open(f"/proc/{proc.pid}/stat") as f:
         if f.read().rsplit(")", 1)[1].split()[0] == "Z":
           break
+      time.sleep(0.05)
     with locks.take(str(tmp_path), "workdir", "x") as lock:
       assert json.load(open(lock.path))["pid"] == os.getpid()
   finally:
