@@ -129,6 +129,12 @@ def test_a_run_killed_in_a_bucket_resumes_bit_exactly(gcs, data_dir, tmp_path):
   reference = start(main_flags(data_dir, straight, **flags))
   victim = start(main_flags(data_dir, killed, **flags))
   wait_for_step(killed, 6, victim)
+  # Checkpoints are written asynchronously: on a loaded machine step 4's may still be in
+  # flight at step 6. Kill once it is committed (step 8's cannot be before it).
+  deadline = time.time() + 120
+  while f"{killed}/checkpoints/4/commit_success.txt" not in gcs.files(killed):
+    assert time.time() < deadline and victim.poll() is None, "step 4's checkpoint never committed"
+    time.sleep(0.2)
   victim.send_signal(signal.SIGKILL)
   victim.wait()
   assert f"{killed}/checkpoints/8/commit_success.txt" not in gcs.files(killed)
