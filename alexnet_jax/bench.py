@@ -20,7 +20,7 @@ from absl import flags
 
 from alexnet_jax.core import cli
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.model import alexnet
+from alexnet_jax.model import alexnet, backend
 from alexnet_jax.studies import benchmark
 
 
@@ -36,7 +36,8 @@ def define_flags() -> None:
   flags.DEFINE_list(
     "compiler_options",
     ["backend"],
-    "backend (backend.compiler_options(), what training uses), xla (XLA's defaults) or both.",
+    "backend (backend.compiler_options(), what training uses) or named XLA:CPU option sets of "
+    "backend.CPU_OPTION_SETS: xla (XLA's defaults), eigen_conv, no_ynnpack.",
   )
   flags.DEFINE_integer("rounds", 3, "Alternating timing rounds; figures are medians over rounds.")
   flags.DEFINE_float("round_seconds", 2.0, "Train-step seconds per case per round (eval: half).")
@@ -62,11 +63,11 @@ def main() -> None:
         c.dtype not in ("float32", "bfloat16")
         or c.ops_impl not in alexnet.OPS_IMPLS
         or c.batch_size < 1
-        or c.compiler_options not in ("backend", "xla")
+        or c.compiler_options not in ("backend", *backend.CPU_OPTION_SETS)
       ):
         raise UserInputError(
           f"bad case {c}: dtype float32 or bfloat16, ops_impl one of {tuple(alexnet.OPS_IMPLS)}, "
-          "batch_size >= 1, compiler_options backend or xla"
+          f"batch_size >= 1, compiler_options backend or one of {tuple(backend.CPU_OPTION_SETS)}"
         )
     report = benchmark.run(cases, f.variant, f.image_size, f.rounds, f.round_seconds, f.peak_tflops)
   except ValueError as e:  # the library's word for a case this machine cannot benchmark.run

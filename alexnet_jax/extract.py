@@ -3,7 +3,7 @@ its data.
 
   python -m alexnet_jax.extract --workdir=DIR --images=FOLDER --output=FILE.npz
   python -m alexnet_jax.extract --workdir=DIR --split=train --output=FILE.npz
-    [--step=N] [--batch_size=128]
+    [--step=N] [--batch_size=128] [--dtype=bfloat16]
 
 Images are preprocessed as for evaluation (shorter side to resize_size, central square,
 centre crop of image_size, mean subtracted) and run through the restored net in batches
@@ -28,6 +28,7 @@ from alexnet_jax.core import cli
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data import image_files
 from alexnet_jax.model.alexnet import VARIANTS
+from alexnet_jax.training.config_check import DTYPES
 from alexnet_jax.training.restore import restore
 
 
@@ -43,17 +44,25 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "The checkpoint's step (default: the latest).")
   flags.DEFINE_integer("batch_size", 128, "Images per batch, over all devices.")
   flags.DEFINE_enum("variant", None, VARIANTS, "If given, the run must have trained this variant.")
+  flags.DEFINE_enum(
+    "dtype",
+    None,
+    list(DTYPES),
+    "The dtype the net computes in (default: the run's). bfloat16 is faster only where the "
+    "chip computes it natively (docs/features.md has the measured difference to float32).",
+  )
 
 
 def main() -> None:
   f = flags.FLAGS
   if not f.workdir or not f.output or (f.images is None) == (f.split is None):
     raise UserInputError("pass --workdir, --output and one of --images=FOLDER or --split=train|val")
-  restored = restore(f.workdir, f.step, variant=f.variant)
+  restored = restore(f.workdir, f.step, variant=f.variant, dtype=f.dtype)
   logging.info(
-    "extracting with the checkpoint at step %d on a %s mesh",
+    "extracting with the checkpoint at step %d on a %s mesh in %s",
     restored.step,
     dict(restored.mesh.shape),
+    restored.config.dtype,
   )
   if f.images is not None:
     report = features.extract_folder(restored, f.workdir, f.images, f.output, f.batch_size)

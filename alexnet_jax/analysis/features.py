@@ -30,7 +30,7 @@ from alexnet_jax.data.batches import eval_batches, numpy_iterator
 from alexnet_jax.data.decoding import Crops, decode
 from alexnet_jax.data.sources import RawArrays, Source, Split
 from alexnet_jax.data.stats import Stats, load_stats
-from alexnet_jax.model import sharding
+from alexnet_jax.model import backend, sharding
 from alexnet_jax.model.alexnet import AlexNet
 from alexnet_jax.training import class_names, preemption
 from alexnet_jax.training.restore import Restored
@@ -99,7 +99,8 @@ _INPUTS = ("image", "offset", "flip")  # what augment.normalize reads from an ev
 
 def predictor(model: AlexNet, k: int):
   """The jitted net extraction runs on each batch: (params, batch, mean_image) -> (fc7,
-  the top-k classes, their probabilities)."""
+  the top-k classes, their probabilities), compiled with training's options for the backend
+  (`backend.compiler_options`). fc7 is float32 whatever the model's dtype."""
 
   def predict(params, batch, mean_image):
     images = augment.normalize(batch, mean_image)  # as train's eval step does
@@ -107,7 +108,7 @@ def predictor(model: AlexNet, k: int):
     prob, index = jax.lax.top_k(jax.nn.softmax(logits), k)
     return state["intermediates"]["features"]["fc7"].astype(jnp.float32), index, prob
 
-  return jax.jit(predict)
+  return jax.jit(predict, compiler_options=backend.compiler_options())
 
 
 class Stopped(UserInputError):

@@ -33,7 +33,9 @@ class Case:
   dtype: str
   batch_size: int
   ops_impl: str = "fast"
-  compiler_options: str = "backend"  # "backend": backend.compiler_options(); "xla": XLA's defaults
+  # "backend": backend.compiler_options(), else a name in backend.CPU_OPTION_SETS ("xla": XLA's
+  # defaults); on other platforms a CPU set is XLA's defaults.
+  compiler_options: str = "backend"
 
 
 @dataclasses.dataclass
@@ -100,8 +102,10 @@ def build(
   image_size: int,
   batches: Iterator[dict] | None = None,
   mean_image: np.ndarray | None = None,
+  eval_batch_size: int | None = None,
 ) -> Built:
-  """Compiles the train and evaluation steps of one case on device-resident synthetic data.
+  """Compiles the train and evaluation steps of one case on device-resident synthetic data,
+  evaluation at `eval_batch_size` when given (else the case's batch size).
 
   With `batches` (host batches from the input pipeline, with their `mean_image`) every train
   step takes the next of them instead, put on the devices as training puts them.
@@ -119,11 +123,18 @@ def build(
     jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))
   )["params"]
   state = steps.new_state(params, tx.init(params))
-  train_batch, eval_batch = (synthetic_batch(case.batch_size, image_size, t) for t in (True, False))
+  train_batch = synthetic_batch(case.batch_size, image_size, train=True)
+  eval_batch = synthetic_batch(eval_batch_size or case.batch_size, image_size, train=False)
   if batches is not None:
     train_batch = next(batches)
   mean = np.zeros((image_size, image_size, 3), np.float32) if mean_image is None else mean_image
-  options = backend.compiler_options() if case.compiler_options == "backend" else {}
+  options = (
+    backend.compiler_options()
+    if case.compiler_options == "backend"
+    else backend.cpu_option_set(case.compiler_options)
+    if jax.default_backend() == "cpu"
+    else {}
+  )
   if mesh is None:
     device = jax.devices()[0]
     state_sh = None

@@ -15,9 +15,10 @@ import ml_collections
 from jax.sharding import Mesh
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.model import sharding
+from alexnet_jax.model import backend, sharding
 from alexnet_jax.model.alexnet import AlexNet
 from alexnet_jax.training import builders, checkpoints
+from alexnet_jax.training.config_check import DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,11 @@ class Restored:
 
 
 def restore(
-  workdir: str, step: int | None = None, mesh: Mesh | None = None, variant: str | None = None
+  workdir: str,
+  step: int | None = None,
+  mesh: Mesh | None = None,
+  variant: str | None = None,
+  dtype: str | None = None,
 ) -> Restored:
   """A trained net's parameters, placed on a mesh, with the model and config that use them.
 
@@ -43,6 +48,8 @@ def restore(
       error, never another step.
     mesh: where to place the parameters (default: every device, data-parallel).
     variant: when given, the run must have trained that variant.
+    dtype: the dtype the net computes in (float32 or bfloat16), default the run's; the
+      parameters stay float32 either way. The returned config says the dtype used.
 
   Returns:
     Restored(config, model, params, step, mesh): `model.apply({"params": params}, x)`.
@@ -59,6 +66,12 @@ def restore(
       f"workdir {workdir} holds a {config.model.variant!r} net, not {variant!r}: "
       f"pass --variant={config.model.variant} or the workdir of a {variant!r} run"
     )
+  if dtype is not None:
+    if dtype not in DTYPES:
+      raise UserInputError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    backend.check_dtype(dtype)
+    config = config.copy_and_resolve_references()
+    config.dtype = dtype
   mesh = sharding.make_mesh(1) if mesh is None else mesh
   model = builders.create_model(config, mesh)
   target = builders.abstract_state(

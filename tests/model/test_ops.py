@@ -109,10 +109,20 @@ def test_fast_and_plain_nets_have_equal_gradients(kwargs, mesh_model):
   assert_same(fast, plain)
 
 
-def test_cpu_compiler_options_leave_gradients_unchanged():
-  options = backend.compiler_options()
-  assert options == backend.compiler_options("cpu") and options  # convolutions kept out of YNNPACK
-  assert backend.compiler_options("gpu") == {}
+def test_cpu_compiler_choice_is_a_named_set():
+  options = backend.compiler_options("cpu")  # convolutions kept out of YNNPACK
+  assert options == backend.cpu_option_set("eigen_conv") != {}
+  assert backend.compiler_options() == options
+  assert backend.compiler_options("gpu") == backend.compiler_options("tpu") == {}
+  with pytest.raises(ValueError, match="unknown compiler option set 'fast': use one of xla, "):
+    backend.cpu_option_set("fast")
+
+
+@pytest.mark.parametrize("name", [n for n in backend.CPU_OPTION_SETS if n != "xla"])
+def test_every_cpu_option_set_leaves_outputs_and_gradients_unchanged(name):
+  """Each set bench compares (and the one training and extraction use) against XLA's defaults."""
+  options = backend.cpu_option_set(name)
+  assert options  # this XLA knows the set: it is really compared
   x = jax.random.uniform(jax.random.key(1), (4, 67, 67, 3), minval=-100, maxval=100)
   y = jnp.arange(4) % CLASSES
   model = AlexNet(num_classes=CLASSES)
@@ -122,3 +132,5 @@ def test_cpu_compiler_options_leave_gradients_unchanged():
     loss_and_grads(model, params, x, y),
     rtol=1e-4,
   )
+  forward = lambda **kw: jax.jit(lambda p: model.apply({"params": p}, x), **kw)(params)
+  assert_close(forward(compiler_options=options), forward(), rtol=1e-4)

@@ -112,27 +112,49 @@ def test_bench_command_prints_json_last_and_imports_no_tensorflow():
   assert any(line.startswith("| none | bfloat16 | 2 | fast | backend |") for line in lines)
 
 
-@pytest.mark.parametrize(
-  "no_torch",
-  [pytest.param(True, marks=pytest.mark.slow), pytest.param(False, marks=pytest.mark.long)],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("no_torch", [True, False])
 def test_cpu_vs_torch_times_torch_only_where_installed(no_torch):
+  """Both dtypes on both sides (eager only: torch.compile's compilation takes minutes), the
+  CPU's features as /proc/cpuinfo lists them, ratios against PyTorch's fastest side."""
   if not no_torch:
     need_torch()
   lines = run_command(
     "runpy.run_path('benchmarks/cpu_vs_torch.py', run_name='__main__')",
-    ["--batch_size=2", "--rounds=1", "--round_seconds=0.01"],
+    [
+      "--train_batch_size=2",
+      "--eval_batch_size=4",
+      "--torch_modes=eager",
+      "--rounds=1",
+      "--round_seconds=0.01",
+    ]
+    # Without torch, every side counts as too slow for rounds: timed once and said so.
+    + (["--max_step_seconds=0"] if no_torch else []),
     no_torch=no_torch,
   )
   report = json.loads(lines[-1])
-  ours = report["results"]["jax none"]
-  assert ours["images_per_sec"] > 0
+  ours = {"ours float32", "ours bfloat16"}
+  assert report["batch_size"] == {"train": 2, "eval": 4} and report["jax"] == jax.__version__
+  with open("/proc/cpuinfo") as f:
+    has = set(f.read().split())
+  listed = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+  assert report["cpu"]["features"] == [f for f in listed if f in has]
+  assert lines[0].startswith("CPU: ") and f"jax {jax.__version__}" in lines[1]
+  for name in ours:
+    r = report["results"][name]
+    assert r["train_images_per_sec"] > 0 and r["eval_images_per_sec"] > 0, r
   if no_torch:
-    assert (
-      set(report["results"]) == {"jax none"}
-      and report["torch"] is None
-      and ours["speedup_vs_torch_eager"] is None
-    )
-    assert "torch not installed: no baseline" in lines[0]
+    assert set(report["results"]) == ours and report["torch"] is None
+    assert report["torch_best"] == {"train": None, "eval": None}
+    assert report["results"]["ours float32"]["train_x_torch_best"] is None
+    assert "torch not installed: no baseline" in lines[1]
+    assert all(r["train_timed_once"] and r["eval_timed_once"] for r in report["results"].values())
+    assert "| ours float32 | " in lines[4] and " (once) | - |" in lines[4]
   else:
-    assert report["torch_baseline"] in report["results"] and ours["speedup_vs_torch_eager"] > 0
+    assert set(report["results"]) == ours | {"torch eager float32", "torch eager bf16 autocast"}
+    assert not report["results"]["ours float32"]["train_timed_once"]  # timed in the rounds
+    for work in ("train", "eval"):
+      best = report["torch_best"][work]
+      assert report["results"][best][f"{work}_x_torch_best"] == 1.0
+      assert report["results"]["ours float32"][f"{work}_x_torch_best"] > 0
+    assert any(line.startswith("train: our best (ours ") for line in lines)
