@@ -3,11 +3,12 @@
   python -m alexnet_jax.bench --variant=paper --batch_size=32 --dtype=float32
   python -m alexnet_jax.bench --batch_size=128,256,512 --dtype=float32,bfloat16 --meshes=none,1x2
 
-Every case (mesh x dtype x batch size x ops) runs the train step training runs (forward,
-backward, the paper's SGD: `steps.make_train_step`) and the evaluation step, jitted with
-the backend's compiler options. All cases are compiled first, then timed in alternating
-rounds, so that a busy machine slows them alike and their ratios hold. Prints a markdown
-table, then, last, one JSON line whose `images_per_sec` is the first case's train step.
+Every case (mesh x dtype x batch size x ops x compiler options) runs the train step training
+runs (forward, backward, the paper's SGD: `steps.make_train_step`) and the evaluation step,
+jitted with the backend's compiler options or, on the CPU, a named set to compare
+(`--compiler_options=eigen_conv,no_ynnpack,xla`). All cases are compiled first, then timed
+in alternating rounds, so that a busy machine slows them alike and their ratios hold. Prints a
+markdown table, then, last, one JSON line whose `images_per_sec` is the first case's train step.
 Imports neither TensorFlow nor the configs: it runs on any machine with JAX, Flax and Optax.
 On a CPU host, simulated devices are created for the meshes.
 """
@@ -36,8 +37,8 @@ def define_flags() -> None:
   flags.DEFINE_list(
     "compiler_options",
     ["backend"],
-    "backend (backend.compiler_options(), what training uses) or named XLA:CPU option sets of "
-    "backend.CPU_OPTION_SETS: xla (XLA's defaults), eigen_conv, no_ynnpack.",
+    "backend (backend.compiler_options(), what training uses) or XLA:CPU option sets of "
+    f"backend.CPU_OPTION_SETS ('xla': XLA's defaults): {', '.join(backend.CPU_OPTION_SETS)}.",
   )
   flags.DEFINE_integer("rounds", 3, "Alternating timing rounds; figures are medians over rounds.")
   flags.DEFINE_float("round_seconds", 2.0, "Train-step seconds per case per round (eval: half).")

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"  # what XLA:CPU hands to YNNPACK
 _DOT, _REDUCE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE"
+_FUSED_DOT, _ELTWISE = "LIBRARY_FUSION_TYPE_DOT", "LIBRARY_FUSION_TYPE_ELTWISE"
 
 # The XLA:CPU option sets `python -m alexnet_jax.bench --compiler_options=NAME,...` compares.
 # compiler_options() gives the measured best for the train and evaluation steps and extraction
@@ -35,6 +36,11 @@ CPU_OPTION_SETS: dict[str, dict[str, Any]] = {
   "xla": {},  # XLA's defaults: convolutions, dots and reductions in YNNPACK
   "eigen_conv": {_YNN: f"{_DOT},{_REDUCE}"},  # convolutions on Eigen; dots, reductions in YNNPACK
   "no_ynnpack": {_YNN: ""},  # nothing in YNNPACK
+  # eigen_conv and more: YNNPACK's elementwise fusions, its dots fused with their neighbours,
+  # oneDNN where XLA:CPU offers it.
+  "eigen_conv_eltwise": {_YNN: f"{_DOT},{_REDUCE},{_ELTWISE}"},
+  "eigen_conv_fused_dot": {_YNN: f"{_FUSED_DOT},{_DOT},{_REDUCE}"},
+  "eigen_conv_onednn": {_YNN: f"{_DOT},{_REDUCE}", "xla_cpu_use_onednn": True},
 }
 CPU_CHOICE = "eigen_conv"
 

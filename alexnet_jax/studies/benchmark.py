@@ -34,7 +34,7 @@ class Case:
   batch_size: int
   ops_impl: str = "fast"
   # "backend": backend.compiler_options(), else a name in backend.CPU_OPTION_SETS ("xla": XLA's
-  # defaults); on other platforms a CPU set is XLA's defaults.
+  # defaults).
   compiler_options: str = "backend"
 
 
@@ -110,6 +110,11 @@ def build(
   With `batches` (host batches from the input pipeline, with their `mean_image`) every train
   step takes the next of them instead, put on the devices as training puts them.
   """
+  options = (  # CPU option sets are XLA:CPU's flags: other backends ignore them
+    backend.compiler_options()
+    if case.compiler_options == "backend"
+    else backend.cpu_option_set(case.compiler_options)
+  )
   mesh = parse_mesh(case.mesh)
   data = 1 if mesh is None else mesh.shape["data"]
   if case.batch_size % data:
@@ -128,13 +133,6 @@ def build(
   if batches is not None:
     train_batch = next(batches)
   mean = np.zeros((image_size, image_size, 3), np.float32) if mean_image is None else mean_image
-  options = (
-    backend.compiler_options()
-    if case.compiler_options == "backend"
-    else backend.cpu_option_set(case.compiler_options)
-    if jax.default_backend() == "cpu"
-    else {}
-  )
   if mesh is None:
     device = jax.devices()[0]
     state_sh = None

@@ -52,6 +52,10 @@ def test_unsupported_dtype_is_named(monkeypatch):
     ),
     (benchmark.Case("3x3", "float32", 9), "mesh 3x3 needs 9 devices; this process has 8"),
     (benchmark.Case("two", "float32", 2), "use 'none' or DATAxMODEL"),
+    (
+      benchmark.Case("none", "float32", 2, compiler_options="fast"),
+      "unknown compiler option set 'fast': use one of xla, eigen_conv, no_ynnpack",
+    ),
   ],
 )
 def test_bench_bad_cases_are_named(case, message):
@@ -105,11 +109,13 @@ def test_bench_command_prints_json_last_and_imports_no_tensorflow():
       "--rounds=1",
       "--round_seconds=0.01",
       "--peak_tflops=1",
+      "--compiler_options=backend,no_ynnpack",
     ],
   )
   report = json.loads(lines[-1])
   assert report["results"][0]["dtype"] == "bfloat16" and report["results"][0]["mfu"] > 0
   assert any(line.startswith("| none | bfloat16 | 2 | fast | backend |") for line in lines)
+  assert any(line.startswith("| none | bfloat16 | 2 | fast | no_ynnpack |") for line in lines)
 
 
 @pytest.mark.slow
@@ -158,3 +164,19 @@ def test_cpu_vs_torch_times_torch_only_where_installed(no_torch):
       assert report["results"][best][f"{work}_x_torch_best"] == 1.0
       assert report["results"]["ours float32"][f"{work}_x_torch_best"] > 0
     assert any(line.startswith("train: our best (ours ") for line in lines)
+
+
+@pytest.mark.slow
+def test_conv1_forms_are_checked_equal_then_timed():
+  lines = run_command(
+    "runpy.run_path('benchmarks/conv1_forms.py', run_name='__main__')",
+    ["--batch_size=1", "--rounds=1", "--round_seconds=0.01"],
+  )
+  report = json.loads(lines[-1])
+  assert set(report["results"]) == {
+    f"{form} {p}"
+    for form in ("conv", "patches", "space_to_depth")
+    for p in ("forward", "kernel gradient")
+  }
+  assert report["results"]["conv forward"]["x_conv"] == 1.0
+  assert all(r["ms"] > 0 for r in report["results"].values())
