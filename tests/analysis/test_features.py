@@ -369,3 +369,28 @@ def test_extraction_compiles_with_the_backends_options(run, monkeypatch):
   }
   with pytest.raises(Exception, match="xla_no_such_option"):
     predict(restored.params, batch, np.zeros((side, side, 3), np.float32))
+
+
+@pytest.mark.slow  # a process of its own; what bfloat16 changes: the test above
+def test_the_cli_extracts_in_the_dtype_asked(run, val_features, tmp_path):
+  output = str(tmp_path / "val.npz")
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "alexnet_jax.extract",
+      f"--workdir={run}",
+      "--split=val",
+      f"--output={output}",
+      "--batch_size=8",
+      "--dtype=bfloat16",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "on a {'data': 8, 'model': 1} mesh in bfloat16" in result.stderr
+  f = featurefile.read(output)
+  assert not np.array_equal(f["fc7"], val_features["fc7"])
+  assert dtype_agreement.compare(val_features, f, k=3).cosine_min > 0.9999
