@@ -36,9 +36,10 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), np.all(a == b, axis=1))
 
 
-def _others(fc7: np.ndarray, k: int) -> np.ndarray:
-  """Each row's k nearest other rows: k + 1 asked, the row itself dropped wherever it lands
-  among exact duplicates."""
+def nearest_others(fc7: np.ndarray, k: int) -> np.ndarray:
+  """(N, k) row numbers: each fc7 row's k nearest other rows, nearest first (Figure 4's
+  neighbours). k + 1 are asked and the row itself dropped, wherever it lands among exact
+  duplicates of it."""
   index = retrieval.nearest(fc7, fc7, k + 1).index
   own = index == np.arange(len(fc7))[:, None]
   keep = ~own
@@ -73,6 +74,6 @@ def compare(
     top5=float(shared(top_a, top_b)),
     cosine_mean=float(cos.mean()),
     cosine_min=float(cos.min()),
-    neighbours=float(shared(_others(reference["fc7"], k), _others(other["fc7"], k))),
+    neighbours=float(shared(nearest_others(reference["fc7"], k), nearest_others(other["fc7"], k))),
     k=k,
   )

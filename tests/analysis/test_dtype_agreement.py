@@ -41,7 +41,7 @@ def test_each_measure_sees_its_own_change():
 def test_a_row_among_exact_duplicates_is_not_its_own_neighbour():
   f = features_file(np.random.default_rng(2))
   f["fc7"][:5] = f["fc7"][0]  # 5 equal rows: each one's 3 nearest others are among the other 4
-  index = dtype_agreement._others(f["fc7"], 3)
+  index = dtype_agreement.nearest_others(f["fc7"], 3)
   assert index.shape == (12, 3)
   assert all(i not in row for i, row in enumerate(index))
   assert all(set(row) <= set(range(5)) - {i} for i, row in enumerate(index[:5]))
