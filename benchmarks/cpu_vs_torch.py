@@ -2,16 +2,17 @@
 
   python benchmarks/cpu_vs_torch.py [--train_batch_size=32] [--eval_batch_size=128]
     [--dtypes=float32,bfloat16] [--torch_modes=eager,compile] [--torch_layout=NCHW]
-    [--rounds=5] [--round_seconds=3] [--meshes=none]
+    [--rounds=5] [--round_seconds=3] [--meshes=none] [--compiler_options=backend,xla]
 
 Both sides run the same two-tower net (PyTorch: `torch_nets.GroupedAlexNet`, the towers as
 groups=2, LRN per tower) on synthetic batches already in memory. Training is SGD with momentum
 0.9 and weight decay 5e-4; evaluation is the forward pass. Ours runs training's own jitted
 steps (`steps.jit_steps` via `studies.benchmark`), which also turn uint8 crops into the
-network's input, in each of --dtypes (bfloat16: the net computes in bfloat16, parameters stay
-float32). PyTorch runs eager and under torch.compile, in float32 and in bfloat16 autocast (its
-recommended mixed precision on CPUs, oneDNN's bf16 kernels: AMX or AVX-512-BF16 where the
-CPU has them), on float input ready-made.
+network's input, with each of --compiler_options (XLA:CPU option sets: on a new CPU, see
+whether another set than training's serves it better), in each of --dtypes (bfloat16: the
+net computes in bfloat16, parameters stay float32). PyTorch runs eager and under
+torch.compile, in float32 and in bfloat16 autocast (its recommended mixed precision on CPUs,
+oneDNN's bf16 kernels: AMX or AVX-512-BF16 where the CPU has them), on float input ready-made.
 
 Every side's train and evaluation runner takes its turn in every round, so the load of other
 processes falls on all alike. Ratios are against PyTorch's best side for that work (the fastest
@@ -27,6 +28,7 @@ says so.
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -157,6 +159,11 @@ def define_flags() -> None:
     "max_step_seconds", 20.0, "A side slower than this per call is timed once, not in rounds."
   )
   flags.DEFINE_list("meshes", ["none"], "Our meshes, comma-separated: none, 1x2, ...")
+  flags.DEFINE_list(
+    "compiler_options",
+    ["backend"],
+    "Our XLA:CPU option sets: backend (what training uses) or names in backend.CPU_OPTION_SETS.",
+  )
 
 
 def main() -> None:
@@ -164,13 +171,15 @@ def main() -> None:
   args = flags.FLAGS
   batch = {"train": args.train_batch_size, "eval": args.eval_batch_size}
   runners = {}  # (side, work) -> run(n)
-  for mesh in args.meshes:
-    for dtype in args.dtypes:
-      name = f"ours {dtype}" + ("" if mesh == benchmark.MESH_NONE else f" {mesh}")
-      built = benchmark.build(
-        benchmark.Case(mesh, dtype, batch["train"]), "paper", SIDE, eval_batch_size=batch["eval"]
-      )
-      runners[(name, "train")], runners[(name, "eval")] = built.train, built.evaluate
+  for mesh, dtype, options in itertools.product(args.meshes, args.dtypes, args.compiler_options):
+    name = " ".join(
+      ["ours", dtype]
+      + ([] if mesh == benchmark.MESH_NONE else [mesh])
+      + ([] if options == "backend" else [options])
+    )
+    case = benchmark.Case(mesh, dtype, batch["train"], compiler_options=options)
+    built = benchmark.build(case, "paper", SIDE, eval_batch_size=batch["eval"])
+    runners[(name, "train")], runners[(name, "eval")] = built.train, built.evaluate
   torch_names = []
   if torch is not None:
     for mode in args.torch_modes:

@@ -97,10 +97,11 @@ def run_classes(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, .
 _INPUTS = ("image", "offset", "flip")  # what augment.normalize reads from an eval batch
 
 
-def predictor(model: AlexNet, k: int):
+def predictor(model: AlexNet, k: int, cpu_set: str = "auto"):
   """The jitted net extraction runs on each batch: (params, batch, mean_image) -> (fc7,
-  the top-k classes, their probabilities), compiled with training's options for the backend
-  (`backend.compiler_options`). fc7 is float32 whatever the model's dtype."""
+  the top-k classes, their probabilities), compiled with the backend's options as training
+  (`backend.compiler_options`, the run's cpu_compiler_options). fc7 is float32 whatever the
+  model's dtype."""
 
   def predict(params, batch, mean_image):
     images = augment.normalize(batch, mean_image)  # as train's eval step does
@@ -108,7 +109,7 @@ def predictor(model: AlexNet, k: int):
     prob, index = jax.lax.top_k(jax.nn.softmax(logits), k)
     return state["intermediates"]["features"]["fc7"].astype(jnp.float32), index, prob
 
-  return jax.jit(predict, compiler_options=backend.compiler_options())
+  return jax.jit(predict, compiler_options=backend.compiler_options(cpu_set=cpu_set))
 
 
 class Stopped(UserInputError):
@@ -231,7 +232,8 @@ def extract(
   )
   if writer.images_done:
     logging.info("resuming the extraction into %s at image %d of %d", output, writer.images_done, n)
-  predict, put = predictor(restored.model, k), sharding.batch_sharding(restored.mesh)
+  predict = predictor(restored.model, k, config.get("cpu_compiler_options", "auto"))
+  put = sharding.batch_sharding(restored.mesh)
   mean_image = jax.device_put(stats.mean_image, sharding.replicated(restored.mesh))
   start = last_log = time.monotonic()
   position = writer.images_done  # the next image to write (or skip, if unreadable)

@@ -80,11 +80,13 @@ def cpu_option_set(name: str) -> dict[str, Any]:
   return dict(_known(name))
 
 
-def compiler_options(platform: str | None = None) -> dict[str, Any]:
-  """`jax.jit(..., compiler_options=compiler_options())` for the default (or named) platform."""
-  if (platform or jax.default_backend()) != "cpu":
-    return {}
-  return cpu_option_set(CPU_CHOICE)
+def compiler_options(platform: str | None = None, cpu_set: str = "auto") -> dict[str, Any]:
+  """`jax.jit(..., compiler_options=compiler_options())` for the default (or named) platform:
+  on the CPU the set `cpu_set` of CPU_OPTION_SETS ("auto": CPU_CHOICE, the measured best),
+  elsewhere XLA's defaults."""
+  name = CPU_CHOICE if cpu_set == "auto" else cpu_set
+  options = cpu_option_set(name)  # an unknown name fails on every platform
+  return options if (platform or jax.default_backend()) == "cpu" else {}
 
 
 def default_ops_impl(platform: str | None = None) -> str:

@@ -13,6 +13,7 @@ import ml_collections
 from alexnet_jax.core import storage
 from alexnet_jax.core.errors import UserInputError
 from alexnet_jax.data.dataset_names import DATASETS, tfds_name
+from alexnet_jax.model import backend
 from alexnet_jax.model.alexnet import LAYERS, check_model_axis, feature_sides, pool_geometry
 from alexnet_jax.training import builders, optim
 from alexnet_jax.weights.readers import SUFFIXES
@@ -64,6 +65,12 @@ def check_config(
     )
   if config.dtype not in DTYPES:
     bad(f"unknown dtype {config.dtype!r}; set --config.dtype to one of {DTYPES}")
+  cpu_sets = ("auto", *backend.CPU_OPTION_SETS)
+  if config.get("cpu_compiler_options", "auto") not in cpu_sets:
+    bad(
+      f"unknown cpu_compiler_options {config.cpu_compiler_options!r}; set "
+      f"--config.cpu_compiler_options to one of {cpu_sets}"
+    )
   if config.lr_schedule not in optim.SCHEDULES:
     bad(
       f"unknown lr_schedule {config.lr_schedule!r}; "

@@ -63,6 +63,9 @@ def paper() -> ml_collections.ConfigDict:
   # "fast": hand-written pooling and LRN gradients | "plain": XLA's own (the reference); equal up to
   # rounding. "auto": fast on the CPU (measured 1.2x there), plain on GPUs and TPUs (unmeasured).
   config.ops_impl = "auto"
+  # XLA:CPU's options for the steps and extraction: "auto" (model/backend.py's measured choice)
+  # or a set of backend.CPU_OPTION_SETS, e.g. after `bench --compiler_options=...` on your CPU.
+  config.cpu_compiler_options = "auto"
   # Optimisation: v <- 0.9 v - wd*lr*w - lr*g ; w <- w + v.
   config.batch_size = 128  # global, over all devices and hosts
   config.num_epochs = 90

@@ -69,6 +69,7 @@ RULES: dict[str, Rule] = {
   "num_devices": FREE,
   "dtype": FIXED,
   "ops_impl": FREE,  # equal up to rounding
+  "cpu_compiler_options": FREE,  # equal up to rounding
   # Optimisation.
   "batch_size": FIXED,
   "num_epochs": STEP_COUNT,

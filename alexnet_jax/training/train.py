@@ -163,7 +163,9 @@ class _Job:
       self.mesh,
       seed=self.config.seed,
       skip_nonfinite=self.config.skip_nonfinite_steps,
-      compiler_options=backend.compiler_options(),
+      compiler_options=backend.compiler_options(
+        cpu_set=self.config.get("cpu_compiler_options", "auto")  # older workdirs have none
+      ),
     )
 
   def evaluate(self, params: Any, stop: Callable[[int], bool] | None = None) -> dict:

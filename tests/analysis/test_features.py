@@ -244,8 +244,8 @@ def predictor_that(monkeypatch, at_call: int = 0, action=None) -> list:
   batch `at_call` (1-based)."""
   calls, real = [], _PREDICTOR
 
-  def make(model, k):
-    predict = real(model, k)
+  def make(model, k, *args):
+    predict = real(model, k, *args)
 
     def counted(*args):
       calls.append(1)
@@ -358,9 +358,15 @@ def test_a_partial_extraction_in_another_dtype_is_replaced_not_used(
 def test_extraction_compiles_with_the_backends_options(run, monkeypatch):
   """Before, extraction compiled with XLA's defaults: its forward pass at batch 128 ran 1.16x
   (jax 0.12.1) to 1.78x (jax 0.10.2) slower on an AVX2 CPU. A wrong option must show."""
-  monkeypatch.setattr(backend, "compiler_options", lambda: {"xla_no_such_option": True})
+  asked = []
+  monkeypatch.setattr(
+    backend,
+    "compiler_options",
+    lambda cpu_set: asked.append(cpu_set) or {"xla_no_such_option": True},
+  )
   restored = restore(run, mesh=mesh(1, 1))
-  predict = features.predictor(restored.model, 5)
+  predict = features.predictor(restored.model, 5, "no_ynnpack")
+  assert asked == ["no_ynnpack"]  # the run's cpu_compiler_options reach it
   side = restored.config.image_size
   batch = {
     "image": np.zeros((1, side, side, 3), np.uint8),

@@ -114,6 +114,10 @@ def test_cpu_compiler_choice_is_a_named_set():
   assert options == backend.cpu_option_set("eigen_conv") != {}
   assert backend.compiler_options() == options
   assert backend.compiler_options("gpu") == backend.compiler_options("tpu") == {}
+  assert backend.compiler_options("cpu", "no_ynnpack") == backend.cpu_option_set("no_ynnpack")
+  assert backend.compiler_options("cpu", "auto") == options
+  with pytest.raises(ValueError, match="unknown compiler option set 'fastest'"):
+    backend.compiler_options("gpu", "fastest")
   with pytest.raises(ValueError, match="unknown compiler option set 'fast': use one of xla, "):
     backend.cpu_option_set("fast")
 

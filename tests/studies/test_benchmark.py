@@ -121,8 +121,9 @@ def test_bench_command_prints_json_last_and_imports_no_tensorflow():
 @pytest.mark.slow
 @pytest.mark.parametrize("no_torch", [True, False])
 def test_cpu_vs_torch_times_torch_only_where_installed(no_torch):
-  """Both dtypes on both sides (eager only: torch.compile's compilation takes minutes), the
-  CPU's features as /proc/cpuinfo lists them, ratios against PyTorch's fastest side."""
+  """Both dtypes on both sides (eager only: torch.compile's compilation takes minutes), or
+  without torch two of our option sets; the CPU's features as /proc/cpuinfo lists them, ratios
+  against PyTorch's fastest side."""
   if not no_torch:
     need_torch()
   lines = run_command(
@@ -134,12 +135,19 @@ def test_cpu_vs_torch_times_torch_only_where_installed(no_torch):
       "--rounds=1",
       "--round_seconds=0.01",
     ]
-    # Without torch, every side counts as too slow for rounds: timed once and said so.
-    + (["--max_step_seconds=0"] if no_torch else []),
+    # Without torch: float32 with two option sets, every side counted as too slow for rounds
+    # (timed once and said so).
+    + (
+      ["--max_step_seconds=0", "--dtypes=float32", "--compiler_options=backend,no_ynnpack"]
+      if no_torch
+      else []
+    ),
     no_torch=no_torch,
   )
   report = json.loads(lines[-1])
-  ours = {"ours float32", "ours bfloat16"}
+  ours = (
+    {"ours float32", "ours float32 no_ynnpack"} if no_torch else {"ours float32", "ours bfloat16"}
+  )
   assert report["batch_size"] == {"train": 2, "eval": 4} and report["jax"] == jax.__version__
   with open("/proc/cpuinfo") as f:
     has = set(f.read().split())

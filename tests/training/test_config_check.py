@@ -26,6 +26,10 @@ from configs import quickstart
     ({"image_size": 40, "resize_size": 48}, "image_size=40"),
     ({"resize_size": 60}, "resize_size=60 is smaller than the crop"),
     ({"dtype": "float16"}, "unknown dtype 'float16'"),
+    (
+      {"cpu_compiler_options": "fast"},
+      "unknown cpu_compiler_options 'fast'; set --config.cpu_compiler_options to one of",
+    ),
     ({"ops_impl": "cudnn"}, "unknown ops_impl 'cudnn'; choose one of"),
     ({"dataset": "image_folder", "data_dir": ""}, "needs --config.data_dir"),
     ({"log_every_steps": 0}, "log_every_steps=0 must be at least 1"),

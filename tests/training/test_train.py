@@ -10,7 +10,7 @@ import pytest
 from conftest import params_of, small_config
 
 from alexnet_jax.core.errors import UserInputError
-from alexnet_jax.model import sharding
+from alexnet_jax.model import backend, sharding
 from alexnet_jax.training import builders, checkpoints, class_names, metrics, train
 from configs import default
 
@@ -122,3 +122,19 @@ def test_class_count_must_match_the_folders(tmp_path, data_dir):
   config = small_config(data_dir, num_classes=7)
   with pytest.raises(UserInputError, match="set --config.num_classes=10"):
     train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_the_configs_cpu_compiler_options_compile_the_steps(copy_run, data_dir, monkeypatch):
+  """A run resumed with another set (a free change): its steps compile with that set."""
+  asked, real = [], backend.compiler_options
+  monkeypatch.setattr(
+    backend,
+    "compiler_options",
+    lambda platform=None, cpu_set="auto": asked.append(cpu_set) or real(platform, cpu_set),
+  )
+  workdir = copy_run()
+  config = small_config(data_dir, num_train_steps=3, cpu_compiler_options="no_ynnpack")
+  train.train_and_evaluate(config, workdir)
+  mgr = checkpoints.manager(workdir, 3)
+  assert asked == ["no_ynnpack"] and mgr.latest_step() == 3
+  mgr.close()
