@@ -124,6 +124,7 @@ def test_class_count_must_match_the_folders(tmp_path, data_dir):
     train.train_and_evaluate(config, str(tmp_path / "w"))
 
 
+@pytest.mark.slow  # 18 s: the steps compiled once more
 def test_the_configs_cpu_compiler_options_compile_the_steps(copy_run, data_dir, monkeypatch):
   """A run resumed with another set (a free change): its steps compile with that set."""
   asked, real = [], backend.compiler_options
