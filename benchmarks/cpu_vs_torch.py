@@ -43,6 +43,8 @@ import jax
 from absl import flags
 
 from alexnet_jax.core import cli
+from alexnet_jax.core.errors import UserInputError
+from alexnet_jax.model import backend
 from alexnet_jax.studies import benchmark
 
 try:
@@ -166,9 +168,22 @@ def define_flags() -> None:
   )
 
 
+def check_choices(args) -> None:
+  """One line naming a bad --dtypes, --torch_modes or --compiler_options, before any work."""
+  for flag, allowed in (
+    ("dtypes", ("float32", "bfloat16")),
+    ("torch_modes", ("eager", "compile")),
+    ("compiler_options", ("backend", *backend.CPU_OPTION_SETS)),
+  ):
+    bad = [v for v in getattr(args, flag) if v not in allowed]
+    if bad:
+      raise UserInputError(f"--{flag}: unknown {', '.join(bad)}; use some of {', '.join(allowed)}")
+
+
 def main() -> None:
   cli.simulate_cpu_devices(2)  # before JAX starts its backend: the 1x2 mesh on a CPU host
   args = flags.FLAGS
+  check_choices(args)
   batch = {"train": args.train_batch_size, "eval": args.eval_batch_size}
   runners = {}  # (side, work) -> run(n)
   for mesh, dtype, options in itertools.product(args.meshes, args.dtypes, args.compiler_options):

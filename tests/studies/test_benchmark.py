@@ -188,3 +188,26 @@ def test_conv1_forms_are_checked_equal_then_timed():
   }
   assert report["results"]["conv forward"]["x_conv"] == 1.0
   assert all(r["ms"] > 0 for r in report["results"].values())
+
+
+@pytest.mark.slow  # a process of its own (JAX's import)
+@pytest.mark.parametrize(
+  "arg, message",
+  [
+    (
+      "--compiler_options=backend,fast",
+      "--compiler_options: unknown fast; use some of backend, xla,",
+    ),
+    ("--torch_modes=eager,jit", "--torch_modes: unknown jit; use some of eager, compile"),
+  ],
+)
+def test_cpu_vs_torch_bad_choices_are_one_line_before_any_work(arg, message):
+  out = subprocess.run(
+    [sys.executable, "benchmarks/cpu_vs_torch.py", arg],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 1 and out.stdout == ""
+  assert out.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), out.stderr[-500:]
